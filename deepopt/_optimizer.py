@@ -1,0 +1,245 @@
+"""The base class every deepopt optimizer shares: the torch.optim contract in one place.
+
+A subclass supplies three things and nothing else:
+
+* ``_state_spec(group, param)``: the state a parameter will hold, ``{key: shape}``
+  (used to check a checkpoint before loading it);
+* ``_init_state(group, param, state)``: create that state on the parameter's first step;
+* ``_update(group, params, grads, states, foreach)``: the rule, calling the functional core.
+
+Everything around the rule lives here: gradient collection and input checks done before any
+tensor changes (a failed step leaves no half-updated parameter), the non-finite gradient policy,
+the state dtype (fp32 state for low-precision params, kept across ``load_state_dict``),
+checkpoint validation, and the ``foreach`` / ``fused`` dispatch point.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+
+_NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+
+# ----------------------------------------------------------------------------- validation
+def check_range(name: str, value: Any, low: float, high: float = math.inf, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``low <= value <= high`` (open ends as asked)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a 1-element tensor, got shape {tuple(value.shape)}")
+        number = value.item()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if math.isnan(number) or below or above:
+        left = "(" if low_open else "["
+        right = ")" if high_open or high == math.inf else "]"
+        raise ValueError(f"invalid {name}={value}: must lie in {left}{low}, {high}{right}")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"invalid {name}={value!r}: must be one of {choices}")
+
+
+def resolve_state_dtype(state_dtype: Any, param: Tensor) -> torch.dtype:
+    """``None``: fp32 or wider (``promote_types(param.dtype, float32)``); ``"param"``: the
+    param's own dtype (torch's behaviour); or an explicit floating ``torch.dtype``."""
+    if state_dtype is None:
+        if param.is_complex():
+            return torch.promote_types(param.dtype, torch.complex64)
+        return torch.promote_types(param.dtype, torch.float32)
+    if state_dtype == "param":
+        return param.dtype
+    return state_dtype
+
+
+def _check_state_dtype(state_dtype: Any) -> None:
+    if state_dtype is None or state_dtype == "param":
+        return
+    if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+        raise ValueError(f"invalid state_dtype={state_dtype!r}: must be None, 'param' or a floating torch.dtype")
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """The matrix view used by the matrix rules: 2-D as is, conv weights as (out, in*kh*kw)."""
+    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- base class
+class DeepOptimizer(Optimizer):
+    """Shared machinery; see the module docstring. Not part of the public API."""
+
+    #: the rule supports complex params through ``torch.view_as_real`` (elementwise rules only)
+    _supports_complex = False
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        if defaults.get("fused"):
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot both be True")
+            raise RuntimeError(
+                f"fused=True: deepopt.{type(self).__name__} has no fused kernel in this build; "
+                "use fused=None (default) or foreach=True")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyperparameters (with the defaults filled in) are validated first."""
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        check_range("lr", merged["lr"], 0.0)
+        check_range("weight_decay", merged["weight_decay"], 0.0)
+        check_choice("nonfinite", merged.get("nonfinite", "propagate"), _NONFINITE_POLICIES)
+        _check_state_dtype(merged.get("state_dtype"))
+        self._validate_group(merged)
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a group's rule hyperparameters; raise ``ValueError`` naming the bad one."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # state dicts written before a flag existed load with its default
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -- step --------------------------------------------------------------------------------
+    def _collect(self, group: dict[str, Any]):
+        """Params with a gradient, their grads and their states; validates before any change."""
+        params, grads, states = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"deepopt.{type(self).__name__} does not support sparse gradients")
+            if p.is_complex() and not self._supports_complex:
+                raise RuntimeError(
+                    f"deepopt.{type(self).__name__} does not support complex parameters (shape "
+                    f"{tuple(p.shape)}); optimize torch.view_as_real(p) as a real parameter instead")
+            self._check_param(group, p)
+            params.append(p)
+            grads.append(p.grad)
+            states.append(self.state[p])
+        return params, grads, states
+
+    def _check_param(self, group: dict[str, Any], p: Tensor) -> None:
+        """Per-rule input check (e.g. M3's matrices only); raise before anything changes."""
+
+    def _nonfinite_action(self, batches) -> str | None:
+        """'raise' / 'skip' if a group asking for a check holds a non-finite grad, else None."""
+        action = None
+        for group, (_, grads, _) in batches:
+            policy = group.get("nonfinite", "propagate")
+            if policy == "propagate" or not grads:
+                continue
+            # one fused reduction and one host sync for the whole group
+            finite = torch.stack([g.detach().isfinite().all().to(grads[0].device) for g in grads]).all()
+            if not bool(finite):
+                if policy == "raise":
+                    return "raise"
+                action = "skip"
+        return action
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step; returns the closure's loss (if a closure is given)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches = [(group, self._collect(group)) for group in self.param_groups]
+        action = self._nonfinite_action(batches)
+        if action == "raise":
+            raise FloatingPointError(
+                f"deepopt.{type(self).__name__}: non-finite gradient (nonfinite='raise'); "
+                "no parameter or state was changed")
+        if action == "skip":
+            return loss
+        for group, (params, grads, states) in batches:
+            if not params:
+                continue
+            for p, state in zip(params, states):
+                if len(state) == 0:
+                    self._init_state(group, p, state)
+            foreach = group["foreach"]
+            if foreach is None:
+                _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+            self._update(group, params, grads, states, bool(foreach))
+        return loss
+
+    # -- subclass interface ------------------------------------------------------------------
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update(self, group, params, grads, states, foreach: bool) -> None:
+        raise NotImplementedError
+
+    def _zeros(self, group: dict[str, Any], p: Tensor, shape=None) -> Tensor:
+        dtype = resolve_state_dtype(group["state_dtype"], p)
+        if shape is None:
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict after checking every param's state keys and shapes.
+
+        The check runs before anything changes: a checkpoint of another optimizer, with
+        missing keys or wrong shapes, raises a ``ValueError`` naming the parameter and the
+        mismatch and leaves this optimizer as it was. Floating state keeps its own dtype
+        (fp32 state for bf16 params stays fp32; torch would cast it to the param dtype).
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}")
+        targets: dict[Any, tuple[Tensor, dict[str, Any], str]] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"loaded state dict's parameter group {gi} has {len(saved['params'])} params, "
+                    f"this optimizer's has {len(group['params'])}")
+            merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+            for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+                targets[pid] = (p, merged, f"param {pi} of group {gi} (shape {tuple(p.shape)})")
+        for pid, saved_state in state_dict["state"].items():
+            if pid not in targets or not saved_state:
+                continue
+            p, merged, where = targets[pid]
+            spec = self._state_spec(merged, p)
+            keys, expected = set(saved_state), set(spec)
+            if keys != expected:
+                raise ValueError(
+                    f"deepopt.{type(self).__name__}.load_state_dict: {where} has state keys "
+                    f"{sorted(keys)}, expected {sorted(expected)} (missing {sorted(expected - keys)}, "
+                    f"unexpected {sorted(keys - expected)}); is this another optimizer's checkpoint?")
+            for key, shape in spec.items():
+                value = saved_state[key]
+                got = tuple(value.shape) if isinstance(value, Tensor) else ()
+                if key != "step" and got != tuple(shape):
+                    raise ValueError(
+                        f"deepopt.{type(self).__name__}.load_state_dict: {where}: state "
+                        f"'{key}' has shape {got}, expected {tuple(shape)}")
+        super().load_state_dict(state_dict)
+        # undo torch's cast of floating state to the param dtype, from the original tensors
+        for pid, saved_state in state_dict["state"].items():
+            if pid not in targets:
+                continue
+            p, merged, _ = targets[pid]
+            dtype = resolve_state_dtype(merged.get("state_dtype"), p)
+            state = self.state[p]
+            for key, value in saved_state.items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point() \
+                        and state[key].dtype != dtype:
+                    state[key] = value.to(device=p.device, dtype=dtype, copy=True)

@@ -1,0 +1,299 @@
+r"""deepopt.functional: the update rules as functions on tensors.
+
+In the Nested Learning view an optimizer's state is an associative memory ``M`` that
+compresses the gradient stream with its own inner objective. The pieces below are that view
+made concrete, and the optimizer classes are thin compositions of them:
+
+* value maps and gradient pre-processing (:func:`preprocess_grad`);
+* memory writes: the dot-product objective ``-<M, V>`` with retention ``a`` gives the momentum
+  write (:func:`momentum_write`); the L2 (delta-rule) objective adds a gradient-dependent
+  forgetting term (:func:`delta_forget`, :func:`delta_momentum_write`); an MLP memory takes a
+  closed-form gradient step on its objective (:func:`mlp_memory_step`);
+* read-outs: momentum / Nesterov (:func:`momentum_readout`), the MLP memory
+  (:func:`mlp_memory`), Newton-Schulz orthogonalisation (:func:`newton_schulz`).
+
+Every rule is written once, as an in-place ``_``-suffixed function that the optimizers call
+under ``torch.no_grad()``. The out-of-place form (no suffix) clones the state first and runs
+the same code, so it is autograd-safe and a model can run it inside its forward pass (test-time
+memories). Rules accept leading batch dimensions (batch, heads) where noted. The exact op
+sequences matter: the reductions to torch's SGD / Adam / AdamW / Muon are bit-exact because the
+same torch ops run in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._memory import *  # noqa: F401,F403  (in-context memory rules used by HOPE)
+from ._memory import __all__ as _memory_all
+
+__all__ = [
+    "preprocess_grad",
+    "momentum_write",
+    "momentum_write_",
+    "momentum_readout",
+    "adam_update_",
+    "delta_forget_",
+    "delta_momentum_write",
+    "delta_momentum_write_",
+    "row_keys",
+    "mlp_memory",
+    "mlp_memory_step",
+    "mlp_memory_step_",
+    "newton_schulz",
+    "adjust_lr",
+    "NS_COEFFICIENTS",
+] + list(_memory_all)
+
+#: Muon's quintic Newton-Schulz coefficients (Keller Jordan, 2024)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+# ------------------------------------------------------------------------------ values
+def preprocess_grad(grad: Tensor, param: Tensor, *, weight_decay: float = 0.0,
+                    maximize: bool = False) -> Tensor:
+    """``G = -grad if maximize else grad``, then coupled weight decay ``G + wd * p``.
+
+    Never modifies ``grad``. Keys and values of every rule are built from this ``G``.
+    """
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g.add(param, alpha=weight_decay)
+    return g
+
+
+# ------------------------------------------------------------------------------ linear memory, dot objective
+def momentum_write_(buf: Tensor, g: Tensor, momentum: float, dampening: float, *,
+                    lerp: bool = False) -> Tensor:
+    r"""One gradient step of the memory on ``-<M, G>`` with retention ``a`` (momentum):
+
+    .. math:: M \leftarrow a M + (1 - d)\, G
+
+    ``lerp=True`` (the zero-init convention with ``d == a``) computes it as
+    ``M.lerp_(G, 1 - a)``, the op sequence of torch's Adam and Muon.
+    """
+    if lerp:
+        return buf.lerp_(g, 1 - momentum)
+    return buf.mul_(momentum).add_(g, alpha=1 - dampening)
+
+
+def momentum_write(buf: Tensor, g: Tensor, momentum: float, dampening: float, *,
+                   lerp: bool = False) -> Tensor:
+    """Out-of-place :func:`momentum_write_` (autograd-safe; any leading dims)."""
+    return momentum_write_(buf.clone(), g, momentum, dampening, lerp=lerp)
+
+
+def momentum_readout(g: Tensor, buf: Tensor, momentum: float, *, nesterov: bool,
+                     lerp: bool = False) -> Tensor:
+    """What the memory gives the parameter update: ``M``, or with Nesterov ``G + a M``
+    (``G.lerp(M, a)`` in the zero-init convention with ``d == a``, as torch's Muon)."""
+    if not nesterov:
+        return buf
+    if lerp:
+        return g.lerp(buf, momentum)
+    return g.add(buf, alpha=momentum)
+
+
+# ------------------------------------------------------------------------------ Adam value map
+def adam_update_(param: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, *,
+                 lr, beta1: float, beta2: float, eps: float) -> None:
+    r"""The memory with Adam's value map, op for op as torch's ``_single_tensor_adam``:
+
+    .. math::
+        M \leftarrow \beta_1 M + (1-\beta_1) G, \quad S \leftarrow \beta_2 S + (1-\beta_2) G^2,
+        \quad p \leftarrow p - \frac{lr}{1-\beta_1^t} \frac{M}{\sqrt{S/(1-\beta_2^t)} + \epsilon}
+
+    ``step`` is incremented here; weight decay is the caller's (coupled in ``g`` or decoupled
+    on ``param`` before this call).
+    """
+    step += 1
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    t = step.item()
+    bias_correction1 = 1 - beta1 ** t
+    bias_correction2 = 1 - beta2 ** t
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def adam_update_foreach_(params: list[Tensor], gs: list[Tensor], exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr, beta1: float,
+                         beta2: float, eps: float) -> None:
+    """:func:`adam_update_` over lists of one device and dtype, op for op as torch's
+    ``_multi_tensor_adam`` (``capturable=False``)."""
+    if steps[0].is_cpu:
+        torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - beta2)
+    bias_correction1 = [1 - beta1 ** s.item() for s in steps]
+    bias_correction2 = [1 - beta2 ** s.item() for s in steps]
+    step_size = [(lr / bc) * -1 for bc in bias_correction1]
+    bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+
+# ------------------------------------------------------------------------------ linear memory, L2 objective
+def delta_forget_(buf: Tensor, g: Tensor, momentum: float, delta: float, *,
+                  keys: str = "matrix", eps: float = 1e-8) -> Tensor:
+    r"""Retention of the L2-regression (delta-rule) memory: forget along the gradient's directions.
+
+    ``keys="matrix"`` (2-D, or any ``(..., rows, cols)``), with ``Gh = G / (||G||_F + eps)``:
+
+    .. math:: M \leftarrow M (a I - \delta\, \hat G^\top \hat G) = a M - \delta (M \hat G^\top) \hat G
+
+    evaluated in the cheaper association order. ``keys="elementwise"``: per coordinate,
+    ``k = g / (rms(G) + eps)`` and ``M <- max(a - delta k^2, 0) * M``.
+    """
+    if keys == "matrix":
+        gh = g.to(buf.dtype)
+        gh = gh / (torch.linalg.matrix_norm(gh, keepdim=True) + eps)
+        rows, cols = buf.shape[-2], buf.shape[-1]
+        if rows <= cols:
+            forget = (buf @ gh.mT) @ gh            # 2 r^2 c flops
+        else:
+            forget = buf @ (gh.mT @ gh)            # 2 c^2 r flops
+        return buf.mul_(momentum).sub_(forget, alpha=delta)
+    g32 = g.to(buf.dtype)
+    rms = g32.square().mean().sqrt()
+    k = g32 / (rms + eps)
+    return buf.mul_((momentum - delta * k.square()).clamp_(min=0))
+
+
+def delta_momentum_write_(buf: Tensor, g: Tensor, momentum: float, dampening: float,
+                          delta: float, *, keys: str = "matrix", eps: float = 1e-8) -> Tensor:
+    r"""The delta-rule memory write: :func:`delta_forget_` then ``M += (1 - d) G``.
+
+    .. math:: M \leftarrow M (a I - \delta \hat G^\top \hat G) + (1 - d) G
+
+    With ``delta == 0`` it is :func:`momentum_write_` itself (bit for bit).
+    """
+    if delta == 0:
+        return momentum_write_(buf, g, momentum, dampening)
+    delta_forget_(buf, g, momentum, delta, keys=keys, eps=eps)
+    return buf.add_(g, alpha=1 - dampening)
+
+
+def delta_momentum_write(buf: Tensor, g: Tensor, momentum: float, dampening: float,
+                         delta: float, *, keys: str = "matrix", eps: float = 1e-8) -> Tensor:
+    """Out-of-place :func:`delta_momentum_write_` (autograd-safe; leading batch dims)."""
+    return delta_momentum_write_(buf.clone(), g, momentum, dampening, delta, keys=keys, eps=eps)
+
+
+# ------------------------------------------------------------------------------ MLP memory
+def row_keys(g: Tensor, *, key_norm: str = "row", eps: float = 1e-8) -> Tensor:
+    """Keys of the MLP memory: the rows of ``G`` over their L2 norm (``"row"``) or over
+    ``||G||_F`` (``"tensor"``), each plus ``eps``."""
+    if key_norm == "row":
+        return g / (torch.linalg.vector_norm(g, dim=-1, keepdim=True) + eps)
+    return g / (torch.linalg.matrix_norm(g, keepdim=True) + eps)
+
+
+def mlp_memory(keys: Tensor, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
+    r"""The MLP part of the memory, applied to each row ``k`` of ``keys``:
+    ``f(k) = B silu(A k)``, i.e. ``f(K) = silu(K A^T) B^T``. Shapes ``(..., r, d)``,
+    ``A: (..., h, d)``, ``B: (..., d, h)``."""
+    return F.silu(keys @ mlp_in.mT) @ mlp_out.mT
+
+
+def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
+                     linear: Tensor | None = None, *, objective: str = "dot",
+                     memory_lr: float = 0.01, memory_decay: float = 0.0) -> None:
+    r"""One simultaneous closed-form gradient step of the MLP memory on its inner objective.
+
+    With ``m(K) = M + f(K)`` (``M`` = ``linear``, may be ``None`` for 0) and ``r`` rows:
+
+    * ``"dot"``: ``L = -(1/r) sum_i <m(k_i), g_i>``, so ``dL/df = -G / r``;
+    * ``"l2"``: ``L = 1/(2r) sum_i ||m(k_i) - g_i||^2``, so ``dL/df = (m(K) - G) / r``.
+
+    With ``Z = K A^T``, ``H = silu(Z)``: ``dB = (dL/df)^T H``,
+    ``dA = ((dL/df) B * silu'(Z))^T K``; then ``A -= lr dA``, ``B -= lr dB`` (both from the
+    pre-step values) and ``A, B *= 1 - lr * memory_decay``. No autograd graph is built.
+    """
+    z = keys @ mlp_in.mT
+    sig = torch.sigmoid(z)
+    hidden = z * sig
+    rows = keys.shape[-2]
+    if objective == "dot":
+        d_out = target / -rows
+    else:
+        residual = hidden @ mlp_out.mT - target
+        if linear is not None:
+            residual = residual + linear
+        d_out = residual / rows
+    d_mlp_out = d_out.mT @ hidden
+    d_z = (d_out @ mlp_out) * (sig * (1 + z * (1 - sig)))
+    d_mlp_in = d_z.mT @ keys
+    mlp_in.sub_(d_mlp_in, alpha=memory_lr)
+    mlp_out.sub_(d_mlp_out, alpha=memory_lr)
+    shrink = 1 - memory_lr * memory_decay
+    mlp_in.mul_(shrink)
+    mlp_out.mul_(shrink)
+
+
+def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
+                    linear: Tensor | None = None, *, objective: str = "dot",
+                    memory_lr: float = 0.01, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Out-of-place :func:`mlp_memory_step_`: returns the new ``(A, B)`` (autograd-safe)."""
+    mlp_in, mlp_out = mlp_in.clone(), mlp_out.clone()
+    mlp_memory_step_(mlp_in, mlp_out, keys, target, linear, objective=objective,
+                     memory_lr=memory_lr, memory_decay=memory_decay)
+    return mlp_in, mlp_out
+
+
+# ------------------------------------------------------------------------------ nonlinear read-out
+def newton_schulz(u: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7) -> Tensor:
+    r"""Orthogonalise ``u`` (its zeroth matrix power) with the quintic Newton-Schulz iteration
+    in bf16, op for op as torch's Muon, so that Muon is an exact special case:
+
+    .. math:: X \leftarrow a X + (b A + c A^2) X, \quad A = X X^\top
+
+    starting from ``X = u / ||u||_F`` (transposed when rows > cols). Returns bf16. For
+    ``(..., r, c)`` inputs the batched products use ``baddbmm`` (not bit-equal to ``addmm``).
+    """
+    a, b, c = coefficients
+    x = u.bfloat16()
+    tall = u.size(-2) > u.size(-1)
+    if tall:
+        x = x.mT
+    if x.ndim == 2:
+        x.div_(x.norm().clamp(min=eps))
+        for _ in range(steps):
+            gram = x @ x.T
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, poly, x, beta=a)
+    else:
+        lead = x.shape[:-2]
+        x = x.reshape(-1, *x.shape[-2:])
+        x = x / torch.linalg.matrix_norm(x.float(), keepdim=True).clamp(min=eps).bfloat16()
+        for _ in range(steps):
+            gram = x @ x.mT
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
+        x = x.reshape(*lead, *x.shape[-2:])
+    if tall:
+        x = x.mT
+    return x
+
+
+def adjust_lr(lr, mode: str | None, shape) -> float:
+    """Muon's shape-dependent lr scale for a ``(rows, cols)`` matrix: ``None`` keeps ``lr``;
+    ``"original"``: ``lr * sqrt(max(1, rows/cols))``; ``"match_rms_adamw"``:
+    ``lr * 0.2 * sqrt(max(rows, cols))``."""
+    rows, cols = shape[0], shape[1]
+    if mode == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if mode == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
