@@ -92,7 +92,9 @@ class DeepOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters (with the defaults filled in) are validated first."""
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        params = param_group["params"]
+        param_group = {**param_group, "params": [params] if isinstance(params, Tensor) else list(params)}
+        merged = {**self.defaults, **param_group}
         check_range("lr", merged["lr"], 0.0)
         check_range("weight_decay", merged["weight_decay"], 0.0)
         check_choice("nonfinite", merged.get("nonfinite", "propagate"), _NONFINITE_POLICIES)

@@ -32,14 +32,16 @@ def _as_real(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _new_buffer(g: Tensor, state_dtype) -> Tensor:
-    """SGD convention: the memory's first write stores ``G`` itself."""
-    return g.to(dtype=state_dtype, copy=True)
+    """SGD convention: the memory's first write stores ``G`` itself (contiguous, so that the
+    matrix rules can write through a ``(rows, cols)`` view)."""
+    return g.to(dtype=state_dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 # ------------------------------------------------------------------------------ SGD value map
 # (complex params need no real view here: every op is a real-scalar mul/add)
 def _single_tensor_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay,
-                            nesterov, maximize, decoupled_weight_decay, state_dtype):
+                            nesterov, maximize, decoupled_weight_decay, state_dtype, write_=None):
+    """SGD-convention memory; ``write_(buf, g)`` replaces the momentum write (DeltaMomentum)."""
     lr = _to_scalar(lr)
     for p, grad, state in zip(params, grads, states):
         g = Fn.preprocess_grad(grad, p, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
@@ -50,14 +52,16 @@ def _single_tensor_momentum(params, grads, states, *, lr, momentum, dampening, w
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = _new_buffer(g, resolve_state_dtype(state_dtype, p))
-            else:
+            elif write_ is None:
                 Fn.momentum_write_(buf, g, momentum, dampening)
+            else:
+                write_(buf, g)
             g = Fn.momentum_readout(g, buf, momentum, nesterov=nesterov)
         p.add_(g, alpha=-lr)
 
 
 def _multi_tensor_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay,
-                           nesterov, maximize, decoupled_weight_decay, state_dtype):
+                           nesterov, maximize, decoupled_weight_decay, state_dtype, write_=None):
     lr = _to_scalar(lr)
     bufs = [s.get("momentum_buffer") for s in states]
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs], with_indices=True)
@@ -70,17 +74,19 @@ def _multi_tensor_momentum(params, grads, states, *, lr, momentum, dampening, we
             else:
                 device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
         if momentum != 0:
-            if all(b is not None for b in device_bufs):
+            if write_ is None and all(b is not None for b in device_bufs):
                 torch._foreach_mul_(device_bufs, momentum)
                 torch._foreach_add_(device_bufs, device_grads, alpha=1 - dampening)
-            else:   # some params take their first step: per tensor, as torch does
+            else:   # first steps (as torch, per tensor) or a per-tensor write rule
                 device_bufs = list(device_bufs)
                 for i, (p, g, buf) in enumerate(zip(device_params, device_grads, device_bufs)):
                     if buf is None:
                         buf = _new_buffer(g, resolve_state_dtype(state_dtype, p))
                         device_bufs[i] = states[indices[i]]["momentum_buffer"] = buf
-                    else:
+                    elif write_ is None:
                         Fn.momentum_write_(buf, g, momentum, dampening)
+                    else:
+                        write_(buf, g)
             if nesterov:
                 device_grads = torch._foreach_add(device_grads, device_bufs, alpha=momentum)
             else:

@@ -1,0 +1,208 @@
+r"""DeepMomentum: Deep Momentum Gradient Descent (DMGD), momentum with an MLP memory.
+
+Nested Learning (NeurIPS 2025 Eq. 23-24; arXiv 2512.24695 Eq. 50, 52) replaces momentum's
+matrix-valued memory with a deep one, trained by its own inner objective. deepopt's definition
+(the paper leaves the MLP, keys and inner rates open) is:
+
+.. math::
+    m(K) = M + f(K), \qquad f(K) = \mathrm{silu}(K A^\top) B^\top, \qquad
+    K = \text{rows of } G \text{ over their L2 norm}
+
+* ``M`` (param shape) takes the momentum write ``M <- a M + (1 - d) G`` (zero-initialised);
+* the MLP ``(A: h x d, B: d x h)`` takes one simultaneous closed-form gradient step with rate
+  ``memory_lr`` on the row-mean inner objective, then ``A, B *= 1 - memory_lr * memory_decay``:
+  ``"dot"``: ``-mean_i <m(k_i), g_i>`` (momentum's objective); ``"l2"``:
+  ``1/2 mean_i ||m(k_i) - g_i||^2`` (delta-rule form, with ``M`` after its write);
+* the parameter reads the memory after its write: ``W <- W - lr * s(readout(M) + f(K))`` with
+  ``s`` the identity or Newton-Schulz (``output="newton_schulz"``: Eq. 52, which with a
+  linear memory is Muon).
+
+``A ~ N(0, 1/d)`` from a generator seeded by ``(seed, index of the param)`` (never the global
+RNG: DDP ranks agree and the user's RNG stream is untouched), ``B = 0`` so ``f = 0`` at the
+start. Params with ndim < 2 have no rows to key: they use the linear memory only (momentum).
+
+Exact reductions: ``memory_lr=0, objective="dot", output="identity", dampening=0`` is
+``torch.optim.SGD``; ``memory_lr=0, output="newton_schulz", dampening=momentum, nesterov,
+decoupled_weight_decay=True, adjust_lr="original"`` is ``torch.optim.Muon``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.optimizer import Optimizer, _to_scalar
+
+from . import functional as Fn
+from ._optimizer import DeepOptimizer, as_matrix, check_choice, check_range, resolve_state_dtype
+
+__all__ = ["DeepMomentum"]
+
+
+def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_lr, memory_decay,
+               adjust_lr, ns_steps):
+    """From the linear read-out ``u`` to the parameter update and its lr (one param)."""
+    if p.ndim < 2:
+        return u, lr
+    buf = state["momentum_buffer"]
+    mlp_in, mlp_out = state["mlp_in"], state["mlp_out"]
+    g_matrix = as_matrix(g).to(mlp_in.dtype)
+    keys = Fn.row_keys(g_matrix, key_norm=key_norm, eps=eps)
+    Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix, buf.view(buf.shape[0], -1), objective=objective,
+                        memory_lr=memory_lr, memory_decay=memory_decay)
+    u = u.add(Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape))
+    if output == "newton_schulz":
+        u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
+    return u, Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape)
+
+
+def _single_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay,
+                                 nesterov, maximize, decoupled_weight_decay, **rule):
+    lr = _to_scalar(lr)
+    lerp = dampening == momentum
+    for p, grad, state in zip(params, grads, states):
+        g = Fn.preprocess_grad(grad, p, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+                               maximize=maximize)
+        if decoupled_weight_decay and weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        state["step"] += 1
+        buf = state["momentum_buffer"]
+        Fn.momentum_write_(buf, g, momentum, dampening, lerp=lerp)
+        u = Fn.momentum_readout(g, buf, momentum, nesterov=nesterov, lerp=lerp)
+        u, step_lr = _update_of(p, g, u, state, lr=lr, **rule)
+        p.add_(u, alpha=-step_lr)
+
+
+def _multi_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay,
+                                nesterov, maximize, decoupled_weight_decay, **rule):
+    lr = _to_scalar(lr)
+    lerp = dampening == momentum
+    lists = [params, grads, [s["momentum_buffer"] for s in states], [s["step"] for s in states]]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
+    for (device_params, device_grads, bufs, steps), indices in grouped.values():
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            else:
+                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+        torch._foreach_add_(steps, 1)
+        if lerp:
+            torch._foreach_lerp_(bufs, device_grads, 1 - momentum)
+        else:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, device_grads, alpha=1 - dampening)
+        if not nesterov:
+            updates = bufs
+        elif lerp:
+            updates = torch._foreach_lerp(device_grads, bufs, momentum)
+        else:
+            updates = torch._foreach_add(device_grads, bufs, alpha=momentum)
+        if all(p.ndim < 2 for p in device_params) and rule["adjust_lr"] is None:
+            torch._foreach_add_(device_params, updates, alpha=-lr)
+            continue
+        for i, (p, g, u) in enumerate(zip(device_params, device_grads, updates)):
+            u, step_lr = _update_of(p, g, u, states[indices[i]], lr=lr, **rule)
+            p.add_(u, alpha=-step_lr)
+
+
+class DeepMomentum(DeepOptimizer):
+    r"""Deep Momentum Gradient Descent: momentum whose memory is linear + a trained 2-layer MLP.
+
+    .. math::
+        M &\leftarrow a M + (1-d) G, \qquad K = \mathrm{rownorm}(G), \qquad
+        f(K) = \mathrm{silu}(K A^\top) B^\top \\
+        (A, B) &\leftarrow (1 - \eta_m \lambda_m)\big((A, B) - \eta_m \nabla_{A,B}\, \tilde L(M + f; K, G)\big) \\
+        W &\leftarrow W - \text{lr}\; s\big(\text{readout}(M) + f(K)\big)
+
+    See the module docstring for the definition and the exact reductions to SGD and Muon.
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay,
+        maximize, foreach, fused, state_dtype, nonfinite: as :class:`~deepopt.AssociativeMomentum`,
+            with the zero-init convention: ``M`` starts at 0; ``dampening == momentum`` writes
+            ``M.lerp_(G, 1 - a)``; Nesterov needs ``dampening`` 0 or ``momentum``.
+        hidden: MLP width ``h`` >= 1.
+        memory_lr: inner rate ``eta_m`` >= 0 (0 freezes the MLP).
+        memory_decay: inner weight decay ``lambda_m`` >= 0 (``memory_lr * memory_decay <= 1``).
+        objective: ``"dot"`` or ``"l2"`` inner objective.
+        output: ``"identity"`` or ``"newton_schulz"`` (params with ndim >= 2).
+        key_norm: ``"row"`` (each row of G over its norm) or ``"tensor"`` (over ``||G||_F``).
+        eps: key epsilon > 0.
+        adjust_lr: ``None``, ``"original"`` (``lr * sqrt(max(1, rows/cols))``) or
+            ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(rows, cols))``), matrix params only.
+        ns_steps: Newton-Schulz iterations, 1..99.
+        seed: seed of the MLP initialisation (combined with the param's index).
+
+    State: ``step``, ``momentum_buffer`` and, for ndim >= 2, ``mlp_in`` (A) and ``mlp_out`` (B).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, hidden=16, memory_lr=0.01, memory_decay=0.1, objective="dot",
+                 output="identity", key_norm="row", eps=1e-8, decoupled_weight_decay=False,
+                 adjust_lr=None, ns_steps=5, seed=0, maximize=False, foreach=None, fused=None,
+                 state_dtype=None, nonfinite="propagate"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, hidden=hidden, memory_lr=memory_lr, memory_decay=memory_decay,
+                        objective=objective, output=output, key_norm=key_norm, eps=eps,
+                        decoupled_weight_decay=decoupled_weight_decay, adjust_lr=adjust_lr,
+                        ns_steps=ns_steps, seed=seed, maximize=maximize, foreach=foreach, fused=fused,
+                        state_dtype=state_dtype, nonfinite=nonfinite)
+        self._index_of: dict[int, int] = {}
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group):
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_range("dampening", group["dampening"], 0.0, 1.0)
+        if group["nesterov"] and group["dampening"] not in (0, group["momentum"]):
+            raise ValueError(f"nesterov=True requires dampening = 0 or dampening = momentum "
+                             f"(got dampening={group['dampening']}, momentum={group['momentum']})")
+        if not isinstance(group["hidden"], int) or group["hidden"] < 1:
+            raise ValueError(f"invalid hidden={group['hidden']!r}: must be an int >= 1")
+        check_range("memory_lr", group["memory_lr"], 0.0)
+        check_range("memory_decay", group["memory_decay"], 0.0)
+        if group["memory_lr"] * group["memory_decay"] > 1:
+            raise ValueError(f"invalid memory_lr * memory_decay = {group['memory_lr'] * group['memory_decay']}: "
+                             "must be <= 1 (the MLP's decay factor 1 - memory_lr * memory_decay would flip sign)")
+        check_choice("objective", group["objective"], ("dot", "l2"))
+        check_choice("output", group["output"], ("identity", "newton_schulz"))
+        check_choice("key_norm", group["key_norm"], ("row", "tensor"))
+        check_range("eps", group["eps"], 0.0, low_open=True)
+        check_choice("adjust_lr", group["adjust_lr"], (None, "original", "match_rms_adamw"))
+        if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
+            raise ValueError(f"invalid ns_steps={group['ns_steps']!r}: must be an int in [1, 99]")
+        if not isinstance(group["seed"], int):
+            raise ValueError(f"invalid seed={group['seed']!r}: must be an int")
+
+    def _state_spec(self, group, p):
+        spec = {"step": (), "momentum_buffer": p.shape}
+        if p.ndim >= 2:
+            cols = as_matrix(p).shape[1]
+            spec.update(mlp_in=(group["hidden"], cols), mlp_out=(cols, group["hidden"]))
+        return spec
+
+    def _param_index(self, p) -> int:
+        if id(p) not in self._index_of:
+            flat = [q for group in self.param_groups for q in group["params"]]
+            self._index_of = {id(q): i for i, q in enumerate(flat)}
+        return self._index_of[id(p)]
+
+    def _init_state(self, group, p, state):
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["momentum_buffer"] = self._zeros(group, p).contiguous()
+        if p.ndim >= 2:
+            cols = as_matrix(p).shape[1]
+            dtype = resolve_state_dtype(group["state_dtype"], p)
+            seed = hash((group["seed"], self._param_index(p))) & (2**63 - 1)
+            generator = torch.Generator().manual_seed(seed)
+            mlp_in = torch.randn(group["hidden"], cols, generator=generator, dtype=torch.float32) / cols ** 0.5
+            state["mlp_in"] = mlp_in.to(device=p.device, dtype=dtype)
+            state["mlp_out"] = torch.zeros(cols, group["hidden"], device=p.device, dtype=dtype)
+
+    def _update(self, group, params, grads, states, foreach):
+        fn = _multi_tensor_deep_momentum if foreach else _single_tensor_deep_momentum
+        fn(params, grads, states, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+           weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
+           decoupled_weight_decay=group["decoupled_weight_decay"], objective=group["objective"],
+           output=group["output"], key_norm=group["key_norm"], eps=group["eps"],
+           memory_lr=group["memory_lr"], memory_decay=group["memory_decay"], adjust_lr=group["adjust_lr"],
+           ns_steps=group["ns_steps"])

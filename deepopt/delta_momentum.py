@@ -1,0 +1,98 @@
+r"""DeltaMomentum: the momentum memory with an L2-regression (delta-rule) objective.
+
+Momentum's dot-product objective only ever adds; its memory forgets at one fixed rate ``a``.
+The L2 objective ``||M K^T - V||^2`` with the normalised gradient as key makes forgetting
+gradient-dependent: before writing, the memory first erases what it stored along the current
+gradient's directions (Nested Learning, arXiv 2512.24695 Eq. 49, right-multiplied form):
+
+.. math::
+    \hat G = G / (\lVert G \rVert_F + \epsilon), \qquad
+    M \leftarrow M (a I - \delta\, \hat G^\top \hat G) + (1 - d)\, G, \qquad
+    W \leftarrow W - \text{lr} \cdot \text{readout}(M)
+
+Read-out and first write follow SGD (the first step stores ``G``; Nesterov allowed with
+``dampening == 0``). ``delta == 0`` is :class:`~deepopt.AssociativeMomentum` bit for bit.
+
+Note: with Frobenius-normalised keys the decay along singular direction ``i`` is
+``delta * s_i^2 / sum_j s_j^2``; on large full-rank gradients that is small (about
+``4 delta / n`` for ``n x n``) and the rule behaves close to momentum.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from . import functional as Fn
+from ._optimizer import DeepOptimizer, as_matrix, check_choice, check_range
+from .associative_momentum import _multi_tensor_momentum, _single_tensor_momentum
+
+__all__ = ["DeltaMomentum"]
+
+
+def _delta_write_(buf, g, *, momentum, dampening, delta, keys, eps):
+    """One param's delta-rule write; matrices (ndim >= 2) are seen as (rows, cols)."""
+    if keys == "matrix" and buf.ndim >= 2:
+        Fn.delta_momentum_write_(buf.view(buf.shape[0], -1), as_matrix(g), momentum, dampening, delta,
+                                 keys="matrix", eps=eps)
+    else:
+        Fn.delta_momentum_write_(buf, g, momentum, dampening, delta, keys="elementwise", eps=eps)
+
+
+class DeltaMomentum(DeepOptimizer):
+    r"""Momentum with an L2-regression (delta-rule) memory: gradient-dependent forgetting.
+
+    .. math::
+        M \leftarrow M (a I - \delta\, \hat G^\top \hat G) + (1 - d) G, \quad
+        \hat G = G / (\lVert G \rVert_F + \epsilon), \quad W \leftarrow W - \text{lr}\, M
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, fused,
+        state_dtype, decoupled_weight_decay, nonfinite: as :class:`~deepopt.AssociativeMomentum`
+            with ``preconditioner=None`` (``dampening=None`` means 0).
+        delta: forgetting strength, ``0 <= delta <= momentum`` (keeps ``aI - delta Gh^T Gh`` a
+            contraction since ``||Gh||_2 <= 1``). ``0`` gives SGD-momentum exactly.
+        keys: ``"matrix"`` (the rule above; conv weights seen as ``(out, in*kh*kw)``, evaluated
+            in the cheaper of ``(M Gh^T) Gh`` and ``M (Gh^T Gh)``) or ``"elementwise"``:
+            per coordinate ``k = g / (rms(G) + eps)``, ``M <- max(a - delta k^2, 0) M + (1-d) G``.
+            Params with ndim < 2 always use ``"elementwise"``.
+        eps: key normalisation epsilon, > 0.
+
+    State: ``momentum_buffer`` (as torch SGD).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, dampening=None, weight_decay=0.0,
+                 nesterov=False, *, delta=0.5, keys="matrix", eps=1e-8, decoupled_weight_decay=False,
+                 maximize=False, foreach=None, fused=None, state_dtype=None, nonfinite="propagate"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, delta=delta, keys=keys, eps=eps,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                        foreach=foreach, fused=fused, state_dtype=state_dtype, nonfinite=nonfinite)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group):
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        if group["dampening"] is not None:
+            check_range("dampening", group["dampening"], 0.0, 1.0)
+        check_range("delta", group["delta"], 0.0, group["momentum"])
+        check_choice("keys", group["keys"], ("matrix", "elementwise"))
+        check_range("eps", group["eps"], 0.0, low_open=True)
+        if group["nesterov"] and (group["momentum"] <= 0 or (group["dampening"] or 0) != 0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+
+    def _state_spec(self, group, p):
+        return {"momentum_buffer": p.shape} if group["momentum"] != 0 else {}
+
+    def _init_state(self, group, p, state):
+        pass  # the memory is created by its first write (M = G), as torch SGD
+
+    def _update(self, group, params, grads, states, foreach):
+        momentum, dampening = group["momentum"], group["dampening"] or 0.0
+        write_ = None   # delta == 0: the momentum write itself
+        if group["delta"] != 0:
+            write_ = partial(_delta_write_, momentum=momentum, dampening=dampening, delta=group["delta"],
+                             keys=group["keys"], eps=group["eps"])
+        fn = _multi_tensor_momentum if foreach else _single_tensor_momentum
+        fn(params, grads, states, lr=group["lr"], momentum=momentum, dampening=dampening,
+           weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
+           decoupled_weight_decay=group["decoupled_weight_decay"], state_dtype=group["state_dtype"],
+           write_=write_)
