@@ -1,0 +1,202 @@
+r"""In-context memory rules as functions on tensors (HOPE's test-time memories, DESIGN §3.6, §5).
+
+Everything here is out-of-place and autograd-safe: gradients of an outer loss flow through every
+write into the initial memory state (HOPE meta-learns it) and into the keys, values, write rates
+and retention. Leading batch dims ``(...)`` (e.g. ``(batch, heads)``) are allowed everywhere.
+
+Notation for one sequence of T tokens: keys ``k_t`` (dk), values ``v_t``, write rate ``eta_t`` > 0,
+retention ``alpha_t`` in (0, 1], queries ``q_t``. A *chunk* of c tokens starting at state ``M_s``
+evaluates every inner gradient at ``M_s`` (so a chunk is parallel), with a per-token state
+
+    M_t = (prod_{u<=t} alpha_u) M_s + sum_{j<=t} (prod_{j<u<=t} alpha_u) eta_j U_j(M_s)
+
+where ``-U_j(M_s)`` is the inner-objective gradient of token j at ``M_s``, and the read-out of token
+t is ``y_t = M_t(q_t)`` (read after write; tokens > t never enter). With chunk size 1 this is the
+exact token-by-token recurrence. The next chunk starts from ``M_end = M_c``.
+
+Self-generated values (HOPE's "each memory makes its own value"): with ``self_values=True`` the
+regression target of token t is ``v_hat_t = M_s(v_t)``, the memory's own read of ``v_t`` at the
+chunk start.
+
+Linear memory ``M(x) = M x`` (``M``: dv x dk)::
+
+    objective="dot":  DGD on -<M k, v_hat>:  M <- M (alpha I - eta k k^T) + eta v_hat k^T
+    objective="l2":   GD on 1/2||M k - v_hat||^2 with retention: M <- alpha M - eta (M k - v_hat) k^T
+    both:             M <- alpha M + eta (v_hat - M k) k^T
+
+The L2 objective's gradient already holds the ``k k^T`` decay, so DGD's decay is not applied a
+second time: for a linear memory the two objectives give the same closed form (DESIGN §5):
+
+    M_end = (prod alpha) M_s + sum_t (prod_{u>t} alpha_u) eta_t (v_hat_t - M_s k_t) k_t^T
+
+Residual 2-layer MLP memory ``m(x) = x + W1 silu(W2 x)`` (``W2``: h x d first layer, ``W1``: d x h):
+with ``z = W2 k``, ``a = silu(z)`` and ``e = dL/dm`` (``-v_hat`` for dot, ``m(k) - v_hat`` for l2)
+the inner gradients are ``dL/dW1 = e a^T`` and ``dL/dW2 = ((W1^T e) * silu'(z)) k^T``. One
+(chunk-wise) gradient step with retention alpha; for ``"dot"`` the DGD decay ``- eta W2 k k^T``
+applies to the first layer (as in the paper), for ``"l2"`` no extra decay. Reads inside a chunk
+are parallel too: ``W2_t q`` and ``W1_t a(q)`` are sums of rank-1 terms, so each is an
+attention-like (c x c) product.
+
+Reference loops (``*_reference``) evaluate the same chunk-start semantics one token at a time
+(the MLP one takes its inner gradients from autograd); they are slow and exist for tests.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "linear_memory_read", "linear_memory_write", "linear_memory_reference",
+    "mlp_memory_read", "mlp_memory_write", "mlp_memory_reference",
+]
+
+_OBJECTIVES = ("dot", "l2")
+
+
+def _check(objective, T, chunk_size):
+    if objective not in _OBJECTIVES:
+        raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
+    c = T if chunk_size is None else int(chunk_size)
+    if c < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return max(c, 1)
+
+
+def _decays(alpha):
+    """Log-cumulative retention of a chunk: A_t = sum_{u<=t} log alpha_u, (..., c)."""
+    return torch.cumsum(torch.log(alpha.clamp_min(1e-12)), dim=-1)
+
+
+def _intra(A):
+    """D[t, j] = prod_{j<u<=t} alpha_u for j <= t, else 0: (..., c, c)."""
+    c = A.shape[-1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=A.device).tril()
+    diff = (A[..., :, None] - A[..., None, :]).masked_fill(~causal, float("-inf"))
+    return diff.exp()
+
+
+# --------------------------------------------------------------------------- linear memory
+def linear_memory_read(M, x):
+    """``M x`` for every token: M (..., dv, dk), x (..., T, dk) -> (..., T, dv)."""
+    return x @ M.transpose(-1, -2)
+
+
+def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
+                        self_values=False):
+    """Chunk-wise write of a linear memory over a sequence; returns ``(y, M_end)``.
+
+    M: (..., dv, dk) initial state; k: (..., T, dk); v: (..., T, dv) (or (..., T, dk) with
+    ``self_values``, target ``M_s v_t``); eta, alpha: (..., T); q: (..., T, dk) or None
+    (then y is None). ``chunk_size=None``: the whole sequence is one chunk.
+    """
+    T = k.shape[-2]
+    c = _check(objective, T, chunk_size)
+    ys = []
+    for s in range(0, T, c):
+        kc, vc, ec, ac = k[..., s:s + c, :], v[..., s:s + c, :], eta[..., s:s + c], alpha[..., s:s + c]
+        vhat = linear_memory_read(M, vc) if self_values else vc
+        u = ec[..., None] * (vhat - linear_memory_read(M, kc))          # eta_j (v_hat_j - M_s k_j)
+        A = _decays(ac)
+        if q is not None:
+            qc = q[..., s:s + c, :]
+            scores = (qc @ kc.transpose(-1, -2)) * _intra(A)           # (q_t . k_j) prod alpha
+            ys.append(A.exp()[..., None] * linear_memory_read(M, qc) + scores @ u)
+        w_end = (A[..., -1:] - A).exp()                                  # prod_{u>j} alpha_u
+        M = A[..., -1].exp()[..., None, None] * M + (u * w_end[..., None]).transpose(-1, -2) @ kc
+    y = torch.cat(ys, dim=-2) if q is not None else None
+    return y, M
+
+
+def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
+                            self_values=False):
+    """Token-by-token loop with the chunk-start semantics of :func:`linear_memory_write`."""
+    T = k.shape[-2]
+    c = _check(objective, T, chunk_size)
+    ys = []
+    for t in range(T):
+        if t % c == 0:
+            Ms = M
+        kt, vt = k[..., t, :, None], v[..., t, :, None]
+        vhat = Ms @ vt if self_values else vt
+        M = alpha[..., t, None, None] * M + eta[..., t, None, None] * (vhat - Ms @ kt) @ kt.transpose(-1, -2)
+        if q is not None:
+            ys.append((M @ q[..., t, :, None])[..., 0])
+    y = torch.stack(ys, dim=-2) if q is not None else None
+    return y, M
+
+
+# --------------------------------------------------------------------------- MLP memory
+def _silu_grad(z):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def mlp_memory_read(W1, W2, x):
+    """Residual MLP memory ``x + W1 silu(W2 x)``: W1 (..., d, h), W2 (..., h, d), x (..., T, d)."""
+    return x + F.silu(x @ W2.transpose(-1, -2)) @ W1.transpose(-1, -2)
+
+
+def mlp_memory_write(W1, W2, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
+                     self_values=False):
+    """Chunk-wise write of the residual 2-layer MLP memory; returns ``(y, W1_end, W2_end)``.
+
+    Shapes as :func:`linear_memory_write` with d = dk = dv; W1 (..., d, h), W2 (..., h, d).
+    """
+    T = k.shape[-2]
+    c = _check(objective, T, chunk_size)
+    ys = []
+    for s in range(0, T, c):
+        kc, vc, ec, ac = k[..., s:s + c, :], v[..., s:s + c, :], eta[..., s:s + c], alpha[..., s:s + c]
+        z = kc @ W2.transpose(-1, -2)                                    # (.., c, h)
+        a = F.silu(z)
+        vhat = mlp_memory_read(W1, W2, vc) if self_values else vc
+        e = -vhat if objective == "dot" else kc + a @ W1.transpose(-1, -2) - vhat
+        u1 = ec[..., None] * e                                          # W1 grad = e a^T
+        u2 = (e @ W1) * _silu_grad(z)                                   # W2 grad = u2 k^T
+        if objective == "dot":
+            u2 = u2 + z                                                 # DGD decay W2 k k^T
+        u2 = ec[..., None] * u2
+        A = _decays(ac)
+        if q is not None:
+            qc = q[..., s:s + c, :]
+            D, dec = _intra(A), A.exp()[..., None]
+            zq = dec * (qc @ W2.transpose(-1, -2)) - ((qc @ kc.transpose(-1, -2)) * D) @ u2
+            aq = F.silu(zq)
+            ys.append(qc + dec * (aq @ W1.transpose(-1, -2)) - ((aq @ a.transpose(-1, -2)) * D) @ u1)
+        w_end = (A[..., -1:] - A).exp()[..., None]
+        keep = A[..., -1].exp()[..., None, None]
+        W1 = keep * W1 - (u1 * w_end).transpose(-1, -2) @ a
+        W2 = keep * W2 - (u2 * w_end).transpose(-1, -2) @ kc
+    y = torch.cat(ys, dim=-2) if q is not None else None
+    return y, W1, W2
+
+
+def mlp_memory_reference(W1, W2, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
+                         self_values=False):
+    """Token-by-token loop, inner gradients by autograd (torch.func), chunk-start semantics."""
+    T = k.shape[-2]
+    c = _check(objective, T, chunk_size)
+
+    def inner_loss(W1, W2, kt, vhat):
+        out = mlp_memory_read(W1, W2, kt[None])[0]
+        if objective == "dot":
+            return -(out * vhat).sum() + 0.5 * ((kt @ W2.T) ** 2).sum()   # DGD decay on W2
+        return 0.5 * ((out - vhat) ** 2).sum()
+
+    grad = torch.func.grad(inner_loss, argnums=(0, 1))
+    batch = W1.shape[:-2]
+    for _ in batch:
+        grad = torch.func.vmap(grad)
+    ys = []
+    for t in range(T):
+        if t % c == 0:
+            W1s, W2s = W1, W2
+        kt, vt = k[..., t, :], v[..., t, :]
+        vhat = mlp_memory_read(W1s, W2s, vt[..., None, :])[..., 0, :] if self_values else vt
+        g1, g2 = grad(W1s, W2s, kt, vhat)
+        at, et = alpha[..., t, None, None], eta[..., t, None, None]
+        W1, W2 = at * W1 - et * g1, at * W2 - et * g2
+        if q is not None:
+            ys.append(mlp_memory_read(W1, W2, q[..., t, None, :])[..., 0, :])
+    y = torch.stack(ys, dim=-2) if q is not None else None
+    return y, W1, W2

@@ -1,0 +1,444 @@
+"""HOPE (self-modifying Titans + Continuum Memory System) and a Transformer++ baseline.
+
+Read top to bottom (nanoGPT style):
+
+1. ``HopeConfig`` / ``TransformerConfig``: every knob, with ablation switches.
+2. ``SelfModifyingTitans``: the in-context part of a HOPE block (DESIGN §5). Per head, memories
+   generate their own keys, values, write rates and retention from the (conv-mixed) input,
+   ``k = M_k(x), v = M_v(x), eta = M_eta(x), alpha = M_alpha(x)``; ``q = x W_q`` is the only fixed
+   projection; the output is ``y = M_mem(q)``. q, k and v are L2-normalized (v too: with
+   self-generated values an unnormalized v makes the write factor ``alpha I + eta (v - k) k^T``
+   expanding and the memories diverge within a few hundred tokens). Every memory writes with its own self-generated
+   value ``v_hat = M(v)`` by delta-rule gradient descent with retention (weight decay) through
+   ``deepopt.functional`` (``linear_memory_write`` / ``mlp_memory_write``, chunk-wise parallel,
+   autograd-safe), starting from meta-learned initial states (``nn.Parameter``s). q and k are
+   L2-normalized, a short causal depthwise conv (window 4) mixes neighbouring tokens first.
+   Two chunk sizes as in the paper: the generator memories (k, v, eta, alpha) update every
+   ``gen_chunk_size`` tokens, M_mem every ``chunk_size`` tokens.
+3. ``CMS``: a chain of MLP levels after the Titans part; level l is trained with its own update
+   period ``cms_periods[l]`` (``deepopt.MultiFrequency`` groups from :func:`hope_param_groups`),
+   and keeps updating at that period at test time with ``--continual``.
+4. ``HOPE``: embedding -> blocks (Titans -> CMS chain) -> RMSNorm -> tied head.
+5. ``Transformer``: Transformer++ (RoPE, SwiGLU, RMSNorm); :func:`matched_transformer_config`
+   sizes its MLP so the parameter count matches a HOPE config.
+
+Ablations: ``self_modifying=False`` replaces the generator memories by fixed linear projections
+(and M_mem regresses the plain values v: a Titans/DeltaNet-style linear memory); ``cms=False``
+replaces the CMS chain by a single period-1 MLP of the same total width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deepopt._memory import (linear_memory_read, linear_memory_write, mlp_memory_read,
+                             mlp_memory_write)
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass
+class HopeConfig:
+    vocab_size: int = 96
+    block_size: int = 128            # training context (HOPE has no positional limit)
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    memory: str = "linear"           # "linear" | "mlp" (residual 2-layer MLP memories)
+    memory_hidden: int = 32          # hidden width of MLP memories
+    objective: str | None = None     # inner objective "dot" (DGD) | "l2"; None: dot for linear
+                                     # memories, l2 for MLP ones (dot's Hebbian W1 write with
+                                     # self-generated values diverges at init)
+    chunk_size: int = 16             # M_mem chunk
+    gen_chunk_size: int = 16         # chunk of the k/v/eta/alpha memories (multiple of chunk_size)
+    conv_size: int = 4
+    cms_periods: tuple = (1, 4, 16)  # update period of each CMS level (optimizer steps)
+    cms_hidden: int = 192            # SwiGLU hidden width of each CMS level
+    self_modifying: bool = True      # ablation switch
+    cms: bool = True                 # ablation switch
+    eta_max: float = 1.0             # eta = eta_max * sigmoid(M_eta(x) + b)
+    alpha_bias: float = 4.0          # initial retention ~ sigmoid(4) = 0.982
+    kind: str = "hope"
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 96
+    block_size: int = 128
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    d_ff: int = 512
+    rope_base: float = 10000.0
+    kind: str = "transformer"
+
+
+def config_from_dict(d: dict):
+    d = dict(d)
+    cls = HopeConfig if d.get("kind", "hope") == "hope" else TransformerConfig
+    if "cms_periods" in d:
+        d["cms_periods"] = tuple(d["cms_periods"])
+    return cls(**d)
+
+
+# --------------------------------------------------------------------------- shared pieces
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def _heads(x, n_head):             # (B, T, D) -> (B, H, T, D/H)
+    B, T, D = x.shape
+    return x.view(B, T, n_head, D // n_head).transpose(1, 2)
+
+
+def _merge(y):                     # (B, H, T, dh) -> (B, T, H*dh)
+    B, H, T, dh = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * dh)
+
+
+# --------------------------------------------------------------------------- HOPE
+class SelfModifyingTitans(nn.Module):
+    """Self-modifying Titans layer. State per sequence: the memories + the conv's last inputs."""
+
+    def __init__(self, cfg: HopeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.objective = cfg.objective or ("dot" if cfg.memory == "linear" else "l2")
+        D, H = cfg.n_embd, cfg.n_head
+        dh = D // H
+        self.dh = dh
+        self.conv = nn.Conv1d(D, D, cfg.conv_size, groups=D, bias=True)   # causal via left pad
+        self.w_q = nn.Linear(D, D, bias=False)                            # the only fixed projection
+        self.w_o = nn.Linear(D, D, bias=False)
+        self.b_eta = nn.Parameter(torch.zeros(H, 1))
+        self.b_alpha = nn.Parameter(torch.full((H, 1), cfg.alpha_bias))
+        eye = torch.eye(dh).expand(H, dh, dh)
+        small = lambda *s: 0.02 * torch.randn(*s)
+        mlp = cfg.memory == "mlp"
+        if cfg.self_modifying:
+            # meta-learned initial states of the generator memories
+            if mlp:     # k and v: residual MLP memories; eta and alpha: linear (scalar outputs)
+                self.kv_w1 = nn.Parameter(small(2, H, dh, cfg.memory_hidden))
+                self.kv_w2 = nn.Parameter(torch.randn(2, H, cfg.memory_hidden, dh) / math.sqrt(dh))
+                self.ea_init = nn.Parameter(small(H, 2, dh))
+            else:       # rows [k (dh); v (dh); eta (1); alpha (1)] of one stacked linear memory
+                self.gen_init = nn.Parameter(torch.cat([eye + small(H, dh, dh), eye + small(H, dh, dh),
+                                                        small(H, 2, dh)], dim=1))
+        else:
+            self.w_kv = nn.Linear(D, 2 * D, bias=False)
+            self.w_ea = nn.Linear(D, 2 * H, bias=False)
+        if mlp:
+            self.mem_w1 = nn.Parameter(small(H, dh, cfg.memory_hidden))
+            self.mem_w2 = nn.Parameter(torch.randn(H, cfg.memory_hidden, dh) / math.sqrt(dh))
+        else:
+            self.mem_init = nn.Parameter(eye + small(H, dh, dh))
+
+    # -- state ---------------------------------------------------------------------------
+    def initial_state(self, B):
+        """Per-sequence copies of the meta-learned initial memories (gradients flow to them)."""
+        cfg, H = self.cfg, self.cfg.n_head
+        ex = lambda p: p.expand(B, *p.shape)
+        st = {"conv": None}
+        if cfg.self_modifying:
+            if cfg.memory == "mlp":
+                st["kv_w1"] = self.kv_w1[:, None].expand(2, B, *self.kv_w1.shape[1:])
+                st["kv_w2"] = self.kv_w2[:, None].expand(2, B, *self.kv_w2.shape[1:])
+                st["ea"] = ex(self.ea_init)
+            else:
+                st["gen"] = ex(self.gen_init)
+        if cfg.memory == "mlp":
+            st["mem_w1"], st["mem_w2"] = ex(self.mem_w1), ex(self.mem_w2)
+        else:
+            st["mem"] = ex(self.mem_init)
+        return st
+
+    # -- pieces --------------------------------------------------------------------------
+    def _rates(self, eta_raw, alpha_raw):
+        eta = self.cfg.eta_max * torch.sigmoid(eta_raw + self.b_eta)
+        alpha = torch.sigmoid(alpha_raw + self.b_alpha)
+        return eta, alpha
+
+    def _generate(self, st, xh):
+        """k, v, eta, alpha of a chunk from the chunk-start generator memories."""
+        dh = self.dh
+        if not self.cfg.self_modifying:
+            return None
+        if self.cfg.memory == "mlp":
+            k = mlp_memory_read(st["kv_w1"][0], st["kv_w2"][0], xh)
+            v = mlp_memory_read(st["kv_w1"][1], st["kv_w2"][1], xh)
+            ea = linear_memory_read(st["ea"], xh)
+        else:
+            out = linear_memory_read(st["gen"], xh)
+            k, v, ea = out[..., :dh], out[..., dh:2 * dh], out[..., 2 * dh:]
+        eta, alpha = self._rates(ea[..., 0], ea[..., 1])
+        return F.normalize(k, dim=-1), F.normalize(v, dim=-1), eta, alpha
+
+    def _write_generators(self, st, k, v, eta, alpha):
+        """Each generator memory writes its own value v_hat = M(v) (one chunk)."""
+        cfg, new = self.cfg, dict(st)
+        kw = dict(objective=self.objective, self_values=True)
+        if cfg.memory == "mlp":
+            w1s, w2s = [], []
+            for i in range(2):
+                _, w1, w2 = mlp_memory_write(st["kv_w1"][i], st["kv_w2"][i], k, v, eta, alpha, **kw)
+                w1s.append(w1)
+                w2s.append(w2)
+            new["kv_w1"], new["kv_w2"] = torch.stack(w1s), torch.stack(w2s)
+            _, new["ea"] = linear_memory_write(st["ea"], k, v, eta, alpha, **kw)
+        else:
+            _, new["gen"] = linear_memory_write(st["gen"], k, v, eta, alpha, **kw)
+        return new
+
+    def _read_write_mem(self, st, q, k, v, eta, alpha):
+        cfg, new = self.cfg, dict(st)
+        kw = dict(chunk_size=cfg.chunk_size, objective=self.objective, self_values=cfg.self_modifying)
+        if cfg.memory == "mlp":
+            y, new["mem_w1"], new["mem_w2"] = mlp_memory_write(st["mem_w1"], st["mem_w2"], k, v, eta,
+                                                               alpha, q, **kw)
+        else:
+            y, new["mem"] = linear_memory_write(st["mem"], k, v, eta, alpha, q, **kw)
+        return y, new
+
+    def forward(self, x, state=None):
+        cfg, H = self.cfg, self.cfg.n_head
+        B, T, D = x.shape
+        st = self.initial_state(B) if state is None else state
+        # short causal depthwise conv; the cache holds the previous call's last inputs
+        pad = st["conv"] if st["conv"] is not None else x.new_zeros(B, cfg.conv_size - 1, D)
+        xp = torch.cat([pad, x], dim=1)
+        xc = self.conv(xp.transpose(1, 2)).transpose(1, 2)
+        q = F.normalize(_heads(self.w_q(xc), H), dim=-1)
+        xh = _heads(xc, H)
+        if not cfg.self_modifying:
+            kv = _heads(self.w_kv(xc), 2 * H)
+            k_all, v_all = F.normalize(kv[:, :H], dim=-1), F.normalize(kv[:, H:], dim=-1)
+            ea = self.w_ea(xc).view(B, T, H, 2).permute(0, 2, 1, 3)
+            eta_all, alpha_all = self._rates(ea[..., 0], ea[..., 1])
+        ys = []
+        G = cfg.gen_chunk_size
+        for s in range(0, T, G):
+            if cfg.self_modifying:
+                k, v, eta, alpha = self._generate(st, xh[:, :, s:s + G])
+                st = self._write_generators(st, k, v, eta, alpha)
+            else:
+                k, v, eta, alpha = (k_all[:, :, s:s + G], v_all[:, :, s:s + G],
+                                    eta_all[:, :, s:s + G], alpha_all[:, :, s:s + G])
+            y, st = self._read_write_mem(st, q[:, :, s:s + G], k, v, eta, alpha)
+            ys.append(y)
+        y = torch.cat(ys, dim=2)
+        y = F.rms_norm(y, (self.dh,))                    # per-head output norm
+        st = dict(st)
+        st["conv"] = xp[:, -(cfg.conv_size - 1):] if cfg.conv_size > 1 else None
+        return self.w_o(_merge(y)), st
+
+
+class CMS(nn.Module):
+    """Continuum Memory System: a chain of MLP levels, level l updated every periods[l] steps."""
+
+    def __init__(self, dim, hidden, periods):
+        super().__init__()
+        self.periods = tuple(int(p) for p in periods)
+        self.norms = nn.ModuleList([RMSNorm(dim) for _ in self.periods])
+        self.levels = nn.ModuleList([SwiGLU(dim, hidden) for _ in self.periods])
+
+    def forward(self, x):
+        for norm, mlp in zip(self.norms, self.levels):
+            x = x + mlp(norm(x))
+        return x
+
+
+class HopeBlock(nn.Module):
+    def __init__(self, cfg: HopeConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.n_embd)
+        self.titans = SelfModifyingTitans(cfg)
+        if cfg.cms:
+            self.cms = CMS(cfg.n_embd, cfg.cms_hidden, cfg.cms_periods)
+        else:   # ablation: one ordinary MLP of the same total width
+            self.cms = CMS(cfg.n_embd, cfg.cms_hidden * len(cfg.cms_periods), (1,))
+
+    def forward(self, x, state=None):
+        h, state = self.titans(self.norm(x), state)
+        return self.cms(x + h), state
+
+
+class HOPE(nn.Module):
+    def __init__(self, cfg: HopeConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head or cfg.gen_chunk_size % cfg.chunk_size:
+            raise ValueError("n_embd must divide by n_head and gen_chunk_size by chunk_size")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([HopeBlock(cfg) for _ in range(cfg.n_layer)])
+        self.norm_f = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        _init_weights(self, cfg.n_layer)
+
+    def forward(self, idx, targets=None, state=None, return_state=False):
+        """``state``: list of per-block memory states from a previous call (streaming)."""
+        x = self.wte(idx)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, st = block(x, None if state is None else state[i])
+            new_states.append(st)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return (logits, loss, new_states) if return_state else (logits, loss)
+
+    def cms_levels(self):
+        """[(period, [params])] of the CMS levels over all blocks (one entry per level)."""
+        out = []
+        for l, period in enumerate(self.blocks[0].cms.periods):
+            ps = []
+            for b in self.blocks:
+                ps += list(b.cms.levels[l].parameters()) + list(b.cms.norms[l].parameters())
+            out.append((period, ps))
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        return _generate(self, idx, max_new_tokens, temperature, top_k, crop=None)
+
+
+def detach_state(state):
+    return [{k: (v.detach() if torch.is_tensor(v) else v) for k, v in st.items()} for st in state]
+
+
+# --------------------------------------------------------------------------- Transformer++
+def _rope(x, base):
+    """Rotary position embedding on (B, H, T, dh)."""
+    T, dh = x.shape[-2], x.shape[-1]
+    inv = base ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)
+    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.w_qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.w_o = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        H = self.cfg.n_head
+        q, k, v = self.w_qkv(x).split(x.shape[-1], dim=-1)
+        q, k, v = _heads(q, H), _heads(k, H), _heads(v, H)
+        q, k = _rope(q, self.cfg.rope_base), _rope(k, self.cfg.rope_base)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.w_o(_merge(y))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.mlp = SwiGLU(cfg.n_embd, cfg.d_ff)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layer)])
+        self.norm_f = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        _init_weights(self, cfg.n_layer)
+
+    def forward(self, idx, targets=None, state=None, return_state=False):
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return (logits, loss, None) if return_state else (logits, loss)
+
+    def cms_levels(self):
+        return []
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        return _generate(self, idx, max_new_tokens, temperature, top_k, crop=self.cfg.block_size)
+
+
+# --------------------------------------------------------------------------- helpers
+def _init_weights(model, n_layer):
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("w_o", "w_down")) else 0.02
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, crop):
+    for _ in range(max_new_tokens):
+        ctx = idx if crop is None else idx[:, -crop:]
+        logits = model(ctx)[0][:, -1] / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        idx = torch.cat([idx, torch.multinomial(F.softmax(logits, -1), 1)], dim=1)
+    return idx
+
+
+def build_model(cfg):
+    return HOPE(cfg) if isinstance(cfg, HopeConfig) else Transformer(cfg)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_transformer_config(hcfg: HopeConfig, **overrides) -> TransformerConfig:
+    """Transformer++ with HOPE's width/depth/heads and the SwiGLU width that matches its size."""
+    target = count_params(HOPE(hcfg))
+    base = dict(vocab_size=hcfg.vocab_size, block_size=hcfg.block_size, n_layer=hcfg.n_layer,
+                n_embd=hcfg.n_embd, n_head=hcfg.n_head)
+    base.update(overrides)
+    D, L, V = base["n_embd"], base["n_layer"], base["vocab_size"]
+    fixed = V * D + D + L * (4 * D * D + 2 * D)            # embedding, final norm, attention, norms
+    d_ff = max(8, round((target - fixed) / (3 * D * L)))
+    return TransformerConfig(d_ff=d_ff, **base)
+
+
+def hope_param_groups(model, **group_options):
+    """Param groups: one per CMS level with ``update_every=period``, one for the rest
+    (``update_every=1``), for ``deepopt.MultiFrequency``."""
+    levels = model.cms_levels()
+    in_levels = {id(p) for _, ps in levels for p in ps}
+    rest = [p for p in model.parameters() if id(p) not in in_levels]
+    groups = [dict(params=rest, update_every=1, name="base", **group_options)]
+    for l, (period, ps) in enumerate(levels):
+        groups.append(dict(params=ps, update_every=period, name=f"cms{l}", **group_options))
+    return groups

@@ -1,0 +1,112 @@
+"""examples/hope: HOPE model, Transformer++ baseline, training script (tiny sizes, CPU)."""
+import json
+
+import pytest
+import torch
+
+from examples.hope import model as hm
+
+torch.set_num_threads(1)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=17, block_size=32, n_layer=2, n_embd=16, n_head=2, memory_hidden=8,
+                chunk_size=4, gen_chunk_size=8, cms_periods=(1, 2), cms_hidden=24)
+    base.update(kw)
+    return hm.HopeConfig(**base)
+
+
+VARIANTS = [dict(), dict(memory="mlp"), dict(self_modifying=False), dict(cms=False),
+            dict(memory="mlp", objective="dot", self_modifying=False)]
+
+
+def _models():
+    torch.manual_seed(0)
+    out = [hm.HOPE(tiny(**kw)).double() for kw in VARIANTS]
+    out.append(hm.Transformer(hm.matched_transformer_config(tiny())).double())
+    return out
+
+
+@pytest.mark.parametrize("i", range(len(VARIANTS) + 1))
+def test_causality(i):
+    m = _models()[i]
+    x = torch.randint(0, 17, (2, 29))
+    y = m(x)[0]
+    for t in (0, 7, 15, 28):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randint(0, 17, x2[:, t + 1:].shape)
+        torch.testing.assert_close(m(x2)[0][:, :t + 1], y[:, :t + 1], rtol=1e-12, atol=1e-12)
+        if t < 28:
+            assert not torch.allclose(m(x2)[0][:, t + 1:], y[:, t + 1:])
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("c", [1, 4, 16])
+def test_model_chunked_equals_chunk_start_loop(memory, c, monkeypatch):
+    """The model's chunk-wise memories equal the per-token chunk-start loop (DESIGN §5)."""
+    from deepopt import _memory
+    torch.manual_seed(1)
+    m = hm.HOPE(tiny(memory=memory, chunk_size=c, gen_chunk_size=16)).double()
+    x = torch.randint(0, 17, (2, 32))
+    fast = m(x)[0]
+    monkeypatch.setattr(hm, "linear_memory_write", _memory.linear_memory_reference)
+    monkeypatch.setattr(hm, "mlp_memory_write", _memory.mlp_memory_reference)
+    slow = m(x)[0]
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
+
+
+def test_streaming_state_equals_full_sequence():
+    torch.manual_seed(2)
+    for kw in (dict(), dict(memory="mlp")):
+        m = hm.HOPE(tiny(**kw)).double()
+        x = torch.randint(0, 17, (2, 32))
+        full = m(x)[0]
+        a, _, st = m(x[:, :16], return_state=True)
+        b, _, _ = m(x[:, 16:], state=hm.detach_state(st), return_state=True)
+        torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_reach_meta_learned_initial_states():
+    torch.manual_seed(3)
+    for kw in (dict(), dict(memory="mlp")):
+        m = hm.HOPE(tiny(**kw))
+        x = torch.randint(0, 17, (2, 32))
+        m(x, x)[1].backward()
+        names = [n for n, _ in m.named_parameters() if n.split(".")[-1] in
+                 ("gen_init", "mem_init", "kv_w1", "kv_w2", "ea_init", "mem_w1", "mem_w2")]
+        assert len(names) >= 2 * 2
+        for n, p in m.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            if n in names:
+                assert p.grad.abs().sum() > 0, n
+
+
+def test_matched_params_and_groups():
+    cfg = tiny()
+    h, t = hm.HOPE(cfg), hm.Transformer(hm.matched_transformer_config(cfg))
+    assert abs(hm.count_params(h) - hm.count_params(t)) / hm.count_params(h) < 0.02
+    groups = hm.hope_param_groups(h, lr=1e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(h.parameters()))
+    assert [g["update_every"] for g in groups] == [1, 1, 2]
+    assert len(hm.hope_param_groups(hm.HOPE(tiny(cms=False)))) == 2
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(4)
+    for m in (hm.HOPE(tiny(memory="mlp")), hm.Transformer(hm.matched_transformer_config(tiny()))):
+        path = tmp_path / "m.pt"
+        torch.save({"config": hm.asdict(m.cfg), "model": m.state_dict()}, path)
+        ck = torch.load(path)
+        m2 = hm.build_model(hm.config_from_dict(json.loads(json.dumps(ck["config"]))))
+        m2.load_state_dict(ck["model"])
+        x = torch.randint(0, 17, (2, 20))
+        assert torch.equal(m(x)[0], m2(x)[0])
+
+
+def test_generate_and_long_context():
+    torch.manual_seed(5)
+    m = hm.HOPE(tiny())
+    out = m.generate(torch.zeros(1, 1, dtype=torch.long), 5)
+    assert out.shape == (1, 6)
+    assert torch.isfinite(m(torch.randint(0, 17, (1, 300)))[0]).all()   # beyond block_size
