@@ -222,6 +222,7 @@ def test_load_state_dict_validates_before_changing():
         opt.load_state_dict(bad)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_dcp_round_trip_with_slow_group_not_stepped(tmp_path):
     dcp = pytest.importorskip("torch.distributed.checkpoint")
     params = make_params()
