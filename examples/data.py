@@ -206,13 +206,14 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torc
     return w[:, :-1], w[:, 1:]
 
 
-def iter_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
-    """Non-overlapping consecutive windows covering ``data`` (deterministic evaluation)."""
+def iter_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int, max_windows: int | None = None):
+    """Non-overlapping windows of ``data`` (deterministic evaluation): all of them, or
+    ``max_windows`` of them evenly spread over the whole of ``data``."""
     n = (len(data) - 1) // seq_len
     starts = torch.arange(n) * seq_len
-    for b, i in enumerate(range(0, n, batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
+    if max_windows is not None and max_windows < n:
+        starts = starts[torch.linspace(0, n - 1, max_windows).round().long()]
+    for i in range(0, len(starts), batch_size):
         idx = starts[i:i + batch_size, None] + torch.arange(seq_len + 1)
         w = data[idx]
         yield w[:, :-1], w[:, 1:]

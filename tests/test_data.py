@@ -119,3 +119,5 @@ def test_tokenizer_and_batches():
     assert sum(len(w[0]) for w in wins) == 9 and torch.equal(wins[0][1], wins[0][0] + 1)
     with pytest.raises(ValueError):
         data.get_batch(d, 2, 200)
+    spread = list(data.iter_eval_batches(d, 2, 10, max_windows=3))
+    assert [int(w[0][0, 0]) for w in spread] == [0, 80] and len(spread[0][0]) == 2

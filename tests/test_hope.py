@@ -110,3 +110,68 @@ def test_generate_and_long_context():
     out = m.generate(torch.zeros(1, 1, dtype=torch.long), 5)
     assert out.shape == (1, 6)
     assert torch.isfinite(m(torch.randint(0, 17, (1, 300)))[0]).all()   # beyond block_size
+
+
+# --------------------------------------------------------------------------- training script
+def _corpus(tmp_path):
+    import random
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "of", "love", "and", "my", "lord", "thou", "art", "sweet"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(400))
+    path = tmp_path / "tiny.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("model", ["hope"])
+def test_train_50_steps_lowers_loss_and_resumes(tmp_path, model):
+    from examples.hope import train
+    path = _corpus(tmp_path)
+    out = tmp_path / "out"
+    args = ["--preset", "tiny", "--data", str(path), "--out", str(out), "--model", model,
+            "--optimizer", "adamw", "--lr", "1e-2", "--sample-chars", "20", "--quiet", "--device", "cpu"]
+    log = train.main(args)
+    rec = log["models"][model]
+    assert rec["history"][-1]["train_loss"] < rec["first_loss"] - 0.5
+    assert rec["final_val_loss"] < rec["first_loss"] - 0.5
+    assert (out / "train_log.json").exists() and (out / f"{model}.pt").exists()
+    assert len(rec["sample"]) == 20 and rec["tokens_per_s"] > 0
+    log2 = train.main(args[:-3] + ["--steps", "60", "--resume", "--sample-chars", "0"])
+    h = log2["models"][model]["history"]
+    assert [r["step"] for r in h] == [25, 50, 60]
+
+
+def test_optimizers_wire_multifrequency():
+    deepopt = pytest.importorskip("deepopt")
+    if not hasattr(deepopt, "MultiFrequency"):
+        pytest.skip("deepopt.MultiFrequency not available")
+    from examples.hope import train
+    torch.manual_seed(0)
+    m = hm.HOPE(tiny())
+    x = torch.randint(0, 17, (2, 16))
+    for name in ["associative", "adamw", "deep", "delta", "m3"]:
+        opt = train.make_optimizer(name, m, 1e-3)
+        assert isinstance(opt, deepopt.MultiFrequency)
+        periods = sorted({g["update_every"] for g in opt.param_groups})
+        assert periods == [1, 2]
+        slow = [p for per, ps in m.cms_levels() if per == 2 for p in ps]
+        before = [p.detach().clone() for p in slow]
+        m(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(before, slow)), name    # period-2 waits
+        m(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+        assert not all(torch.equal(a, b) for a, b in zip(before, slow)), name
+
+
+def test_recall_task_format():
+    from examples.hope import recall
+    x, y = recall.make_batch(3, 4, 6, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (3, 20)
+    for b in range(3):
+        pairs = {int(x[b, 2 * i]): int(x[b, 2 * i + 1]) for i in range(4)}
+        for t in range(8, 20, 2):
+            assert int(y[b, t]) == pairs[int(x[b, t])] == int(x[b, t + 1])
+        assert (y[b, :8] == -100).all() and (y[b, 9::2] == -100).all()

@@ -1,0 +1,301 @@
+"""Train HOPE (and/or the matched Transformer++) on char-level Shakespeare.
+
+    python examples/hope/train.py                       # cpu preset, HOPE and Transformer (<= 10 min, 2 cores)
+    python examples/hope/train.py --preset gpu          # larger model, one GPU
+    python examples/hope/train.py --model hope --optimizer adamw --seed 1
+    python examples/hope/train.py --data my.txt         # any text file
+    python examples/hope/train.py --resume              # continue from the checkpoints in --out
+
+CMS levels are trained through ``deepopt.MultiFrequency``: each CMS level is a param group with
+``update_every=period`` (gradients summed over the period). Writes to ``--out``: one checkpoint per
+model, ``train_log.json`` (config, loss curves, val loss / bits per char, tokens/s, sample) and
+``loss.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):                     # `python examples/hope/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.data import (CharTokenizer, get_batch, iter_eval_batches, load_shakespeare,
+                           load_text, DEFAULT_HOLDOUT)
+from examples.hope.model import (HOPE, HopeConfig, Transformer, build_model, config_from_dict,
+                                 count_params, hope_param_groups, matched_transformer_config)
+
+PRESETS = {
+    # 2 CPU cores, <= 10 minutes for both models (500 steps x 4096 tokens each)
+    "cpu": dict(n_layer=2, n_embd=128, n_head=4, block_size=128, batch_size=32, steps=500,
+                warmup=50, eval_every=100, eval_windows=256, final_eval_windows=1024, cms_hidden=192,
+                threads=2),
+    # one H100, <= 10 minutes for both models
+    "gpu": dict(n_layer=6, n_embd=384, n_head=6, block_size=256, batch_size=64, steps=2500,
+                warmup=100, eval_every=250, eval_windows=1024, final_eval_windows=None, cms_hidden=512,
+                threads=None),
+}
+PRESETS["tiny"] = dict(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=16, steps=50,
+                       warmup=5, eval_every=25, eval_windows=16, final_eval_windows=32, cms_hidden=32,
+                       threads=1)                                         # tests / smoke runs
+DEFAULT_LR = {"adamw": 3e-3, "associative": 3e-3, "m3": 0.02, "deep": 0.1, "delta": 0.1}
+DEFAULT_OPTIMIZER = "associative"
+
+
+def make_optimizer(name: str, model, lr: float, weight_decay: float = 0.0):
+    """The named optimizer over ``model``'s params, wrapped in ``deepopt.MultiFrequency`` with one
+    group per (optimizer group x CMS period). Import of deepopt happens here, not at module load."""
+    import deepopt
+    if name == "m3":
+        base = deepopt.M3.matrix_groups(model, lr=lr / 7)     # AdamW group for non-matrices
+        # memory initial states (3-D/4-D) and conv filters are not weight matrices: AdamW too
+        odd = [p for p in base[0]["params"] if p.ndim != 2]
+        base[0]["params"] = [p for p in base[0]["params"] if p.ndim == 2]
+        base[1]["params"] = base[1]["params"] + odd
+    else:
+        base = [{"params": list(model.parameters())}]
+    period = {id(p): per for per, ps in model.cms_levels() for p in ps}
+    groups = []
+    for g in base:
+        by_period = {}
+        for p in g["params"]:
+            by_period.setdefault(period.get(id(p), 1), []).append(p)
+        for per, ps in sorted(by_period.items()):
+            groups.append({**g, "params": ps, "update_every": per})
+    if name == "adamw":
+        inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    elif name == "associative":   # associative memory with the Adam value map == torch Adam(W)
+        inner = deepopt.AssociativeMomentum(groups, lr=lr, momentum=0.9, beta2=0.95,
+                                            preconditioner="adam", weight_decay=weight_decay,
+                                            decoupled_weight_decay=True)
+    elif name == "delta":
+        inner = deepopt.DeltaMomentum(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    elif name == "deep":
+        inner = deepopt.DeepMomentum(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    elif name == "m3":
+        inner = deepopt.M3(groups, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
+    return deepopt.MultiFrequency(inner, reduce="sum")
+
+
+def lr_lambda(warmup: int, steps: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, batch_size: int, seq_len: int, max_windows=None, device="cpu"):
+    """Mean next-char loss (nats) over windows evenly spread over ``data``; memories reset per
+    window (the same context for HOPE and the Transformer)."""
+    model.eval()
+    tot, n = 0.0, 0
+    for x, y in iter_eval_batches(data, batch_size, seq_len, max_windows):
+        loss = model(x.to(device), y.to(device))[1]
+        tot += loss.item() * y.numel()
+        n += y.numel()
+    model.train()
+    return tot / max(n, 1)
+
+
+def load_corpus(args):
+    if args.data:
+        return load_text(args.data, holdout_fraction=0.1)
+    return load_shakespeare(args.cache_dir, holdout=args.holdout)
+
+
+def build_configs(args, vocab_size):
+    p = args.preset_values
+    hcfg = HopeConfig(vocab_size=vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
+                      n_embd=p["n_embd"], n_head=p["n_head"], cms_hidden=p["cms_hidden"],
+                      memory=args.memory, chunk_size=args.chunk_size,
+                      gen_chunk_size=args.gen_chunk_size, cms_periods=tuple(args.cms_periods),
+                      cms=not args.no_cms, self_modifying=not args.no_self_mod)
+    return {"hope": hcfg, "transformer": matched_transformer_config(hcfg)}
+
+
+def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
+    """Train one model; returns its record (also checkpointed to out/<kind>.pt)."""
+    p = args.preset_values
+    device = args.device
+    steps, bs, T = args.steps or p["steps"], args.batch_size or p["batch_size"], p["block_size"]
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device)
+    lr = args.lr or DEFAULT_LR[args.optimizer]
+    opt = make_optimizer(args.optimizer, model, lr, args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p["warmup"], steps))
+    gen = torch.Generator().manual_seed(args.seed)
+    rec = {"kind": kind, "config": asdict(cfg), "params": count_params(model), "optimizer": args.optimizer,
+           "lr": lr, "steps": steps, "batch_size": bs, "seq_len": T, "history": [], "train_time_s": 0.0}
+    start = 0
+    ckpt = out / f"{kind}.pt"
+    if args.resume and ckpt.exists():
+        ck = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        gen.set_state(ck["data_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        rec, start = ck["record"], ck["step"]
+        print(f"[{kind}] resumed from {ckpt} at step {start}")
+
+    def save(step):
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "data_rng": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "record": rec, "step": step,
+                    "config": asdict(cfg), "tokenizer": tok.state_dict()}, ckpt)
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(range(start, steps), desc=kind, initial=start, total=steps, disable=args.quiet)
+    except ImportError:
+        bar = range(start, steps)
+    model.train()
+    t_train, tokens, ema = rec["train_time_s"], 0, None
+    for step in bar:
+        t0 = time.perf_counter()
+        x, y = get_batch(train_data, bs, T, gen)
+        x, y = x.to(device), y.to(device)
+        loss = model(x, y)[1]
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        t_train += dt
+        tokens += x.numel()
+        lv = loss.item()
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        rec.setdefault("first_loss", lv)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{x.numel() / dt:,.0f}")
+        last = step + 1 == steps
+        if (step + 1) % p["eval_every"] == 0 or last:
+            vl = evaluate(model, val_data, bs, T, p["final_eval_windows" if last else "eval_windows"], device)
+            rec["history"].append({"step": step + 1, "tokens": (step + 1) * bs * T, "train_loss": ema,
+                                   "val_loss": vl, "val_bpc": vl / math.log(2), "time_s": t_train})
+            if hasattr(bar, "write"):
+                bar.write(f"[{kind}] step {step + 1}: train {ema:.4f}  val {vl:.4f}  "
+                          f"({vl / math.log(2):.3f} bits/char)")
+            rec["train_time_s"] = t_train
+            save(step + 1)
+    rec["train_time_s"] = t_train
+    rec["tokens_per_s"] = steps * bs * T / max(t_train, 1e-9)     # training steps only, no eval
+    rec["final_val_loss"] = rec["history"][-1]["val_loss"] if rec["history"] else None
+    rec["final_val_bpc"] = rec["final_val_loss"] / math.log(2) if rec["final_val_loss"] else None
+    if args.sample_chars:
+        torch.manual_seed(args.seed)
+        prompt = torch.tensor([tok.encode("\n")], device=device)
+        rec["sample"] = tok.decode(model.generate(prompt, args.sample_chars, top_k=10)[0, 1:])
+        print(f"--- {kind} sample ---\n{rec['sample']}\n---")
+    save(steps)
+    return model, rec
+
+
+def plot(log: dict, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, rec in log["models"].items():
+        h = rec["history"]
+        ax.plot([r["tokens"] for r in h], [r["val_bpc"] for r in h], "o-", label=f"{kind} val")
+        ax.plot([r["tokens"] for r in h], [r["train_loss"] / math.log(2) for r in h], "--",
+                label=f"{kind} train")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("bits per character")
+    ax.set_title(f"char-level LM ({log['args']['preset']} preset, {log['args']['optimizer']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["hope", "transformer", "both"], default="both")
+    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    ap.add_argument("--optimizer", choices=["deep", "delta", "associative", "m3", "adamw"],
+                    default=DEFAULT_OPTIMIZER)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="train on this text file instead of Shakespeare")
+    ap.add_argument("--holdout", default=DEFAULT_HOLDOUT, help="play held out for adaptation")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--memory", choices=["linear", "mlp"], default="linear")
+    ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--gen-chunk-size", type=int, default=16)
+    ap.add_argument("--cms-periods", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--no-cms", action="store_true", help="ablation: one period-1 MLP instead of CMS")
+    ap.add_argument("--no-self-mod", action="store_true", help="ablation: fixed k/v/eta/alpha projections")
+    ap.add_argument("--out", default="out/hope")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--sample-chars", type=int, default=300)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    args.preset_values = dict(PRESETS[args.preset])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    threads = args.threads or args.preset_values.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(args)
+    tok = corpus.tokenizer
+    train_data, val_data = tok.encode_tensor(corpus.train), tok.encode_tensor(corpus.val)
+    cfgs = build_configs(args, tok.vocab_size)
+    kinds = ["hope", "transformer"] if args.model == "both" else [args.model]
+    log = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": args.device if args.device != "cpu" else
+           f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "preset_values"},
+           "preset": args.preset_values, "data": {"train_chars": len(corpus.train),
+                                                  "val_chars": len(corpus.val),
+                                                  "holdout": corpus.holdout_name,
+                                                  "vocab_size": tok.vocab_size}, "models": {}}
+    if args.device.startswith("cuda"):
+        log["device"] = torch.cuda.get_device_name()
+    for kind in kinds:
+        _, rec = train_one(kind, cfgs[kind], train_data, val_data, tok, args, out, log)
+        log["models"][kind] = rec
+        (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    plot(log, out / "loss.png")
+    for kind, rec in log["models"].items():
+        print(f"{kind:12s} params {rec['params']:,}  val loss {rec['final_val_loss']:.4f}  "
+              f"{rec['final_val_bpc']:.4f} bits/char  {rec['tokens_per_s']:,.0f} tokens/s")
+    return log
+
+
+if __name__ == "__main__":
+    main()
