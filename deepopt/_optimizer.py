@@ -69,6 +69,18 @@ def _check_state_dtype(state_dtype: Any) -> None:
         raise ValueError(f"invalid state_dtype={state_dtype!r}: must be None, 'param' or a floating torch.dtype")
 
 
+def foreach_scale_(tensors: list[Tensor], factor) -> None:
+    """``t *= factor`` for a list of one device and dtype (decoupled weight decay).
+
+    torch's CPU foreach kernels round a Python scalar to the tensor dtype first (bf16: a decay
+    factor 0.998 becomes 0.996, twice the decay), unlike ``Tensor.mul_``; low-precision CPU lists
+    therefore take the factor as a 0-dim fp32 tensor, which matches ``mul_`` bit for bit.
+    """
+    if tensors[0].is_cpu and tensors[0].dtype in (torch.bfloat16, torch.float16) and not isinstance(factor, Tensor):
+        factor = torch.tensor(factor, dtype=torch.float32)
+    torch._foreach_mul_(tensors, factor)
+
+
 def as_matrix(t: Tensor) -> Tensor:
     """The matrix view used by the matrix rules: 2-D as is, conv weights as (out, in*kh*kw)."""
     return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
@@ -93,8 +105,11 @@ class DeepOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters (with the defaults filled in) are validated first."""
         params = param_group["params"]
-        param_group = {**param_group, "params": [params] if isinstance(params, Tensor) else list(params)}
+        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group = {**param_group, "params": params}
         merged = {**self.defaults, **param_group}
+        if params and isinstance(params[0], tuple):   # named parameters
+            merged["param_names"], merged["params"] = [n for n, _ in params], [p for _, p in params]
         check_range("lr", merged["lr"], 0.0)
         check_range("weight_decay", merged["weight_decay"], 0.0)
         check_choice("nonfinite", merged.get("nonfinite", "propagate"), _NONFINITE_POLICIES)
@@ -170,6 +185,8 @@ class DeepOptimizer(Optimizer):
             for p, state in zip(params, states):
                 if len(state) == 0:
                     self._init_state(group, p, state)
+            # rules compute in the state dtype (bf16 grads -> fp32 G with fp32 state; a no-op otherwise)
+            grads = [g.to(resolve_state_dtype(group["state_dtype"], p)) for p, g in zip(params, grads)]
             foreach = group["foreach"]
             if foreach is None:
                 _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)

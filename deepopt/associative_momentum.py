@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, check_choice, check_range, resolve_state_dtype
+from ._optimizer import DeepOptimizer, foreach_scale_, check_choice, check_range, resolve_state_dtype
 
 __all__ = ["AssociativeMomentum"]
 
@@ -70,7 +70,7 @@ def _multi_tensor_momentum(params, grads, states, *, lr, momentum, dampening, we
             device_grads = torch._foreach_neg(device_grads)
         if weight_decay != 0:
             if decoupled_weight_decay:
-                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+                foreach_scale_(device_params, 1 - lr * weight_decay)
             else:
                 device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
         if momentum != 0:
@@ -122,7 +122,7 @@ def _multi_tensor_adam(params, grads, states, *, lr, beta1, beta2, eps, weight_d
             device_grads = torch._foreach_neg(device_grads)
         if weight_decay != 0:
             if decoupled_weight_decay:
-                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+                foreach_scale_(device_params, 1 - lr * weight_decay)
             else:
                 device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
         Fn.adam_update_foreach_(device_params, device_grads, exp_avgs, exp_avg_sqs, steps,

@@ -37,6 +37,7 @@ __all__ = [
     "momentum_write_",
     "momentum_readout",
     "adam_update_",
+    "delta_forget",
     "delta_forget_",
     "delta_momentum_write",
     "delta_momentum_write_",
@@ -144,6 +145,18 @@ def adam_update_foreach_(params: list[Tensor], gs: list[Tensor], exp_avgs: list[
 
 
 # ------------------------------------------------------------------------------ linear memory, L2 objective
+def _delta_retention(buf: Tensor, g: Tensor, momentum: float, delta: float, keys: str, eps: float) -> Tensor:
+    """matrix keys: the forgetting term ``(M Gh^T) Gh``; elementwise keys: the retention factor."""
+    gh = g.to(buf.dtype)
+    if keys == "matrix":
+        gh = gh / (torch.linalg.matrix_norm(gh, keepdim=True) + eps)
+        if buf.shape[-2] <= buf.shape[-1]:
+            return (buf @ gh.mT) @ gh            # 2 r^2 c flops
+        return buf @ (gh.mT @ gh)                # 2 c^2 r flops
+    k = gh / (gh.square().mean().sqrt() + eps)
+    return (momentum - delta * k.square()).clamp_(min=0)
+
+
 def delta_forget_(buf: Tensor, g: Tensor, momentum: float, delta: float, *,
                   keys: str = "matrix", eps: float = 1e-8) -> Tensor:
     r"""Retention of the L2-regression (delta-rule) memory: forget along the gradient's directions.
@@ -153,21 +166,21 @@ def delta_forget_(buf: Tensor, g: Tensor, momentum: float, delta: float, *,
     .. math:: M \leftarrow M (a I - \delta\, \hat G^\top \hat G) = a M - \delta (M \hat G^\top) \hat G
 
     evaluated in the cheaper association order. ``keys="elementwise"``: per coordinate,
-    ``k = g / (rms(G) + eps)`` and ``M <- max(a - delta k^2, 0) * M``.
+    ``k = g / (rms(G) + eps)`` (rms over the whole tensor) and ``M <- max(a - delta k^2, 0) * M``.
     """
+    retention = _delta_retention(buf, g, momentum, delta, keys, eps)
     if keys == "matrix":
-        gh = g.to(buf.dtype)
-        gh = gh / (torch.linalg.matrix_norm(gh, keepdim=True) + eps)
-        rows, cols = buf.shape[-2], buf.shape[-1]
-        if rows <= cols:
-            forget = (buf @ gh.mT) @ gh            # 2 r^2 c flops
-        else:
-            forget = buf @ (gh.mT @ gh)            # 2 c^2 r flops
-        return buf.mul_(momentum).sub_(forget, alpha=delta)
-    g32 = g.to(buf.dtype)
-    rms = g32.square().mean().sqrt()
-    k = g32 / (rms + eps)
-    return buf.mul_((momentum - delta * k.square()).clamp_(min=0))
+        return buf.mul_(momentum).sub_(retention, alpha=delta)
+    return buf.mul_(retention)
+
+
+def delta_forget(buf: Tensor, g: Tensor, momentum: float, delta: float, *,
+                 keys: str = "matrix", eps: float = 1e-8) -> Tensor:
+    """Out-of-place :func:`delta_forget_` (autograd-safe; leading batch dims)."""
+    retention = _delta_retention(buf, g, momentum, delta, keys, eps)
+    if keys == "matrix":
+        return buf.mul(momentum).sub(retention, alpha=delta)
+    return buf.mul(retention)
 
 
 def delta_momentum_write_(buf: Tensor, g: Tensor, momentum: float, dampening: float,
@@ -187,7 +200,9 @@ def delta_momentum_write_(buf: Tensor, g: Tensor, momentum: float, dampening: fl
 def delta_momentum_write(buf: Tensor, g: Tensor, momentum: float, dampening: float,
                          delta: float, *, keys: str = "matrix", eps: float = 1e-8) -> Tensor:
     """Out-of-place :func:`delta_momentum_write_` (autograd-safe; leading batch dims)."""
-    return delta_momentum_write_(buf.clone(), g, momentum, dampening, delta, keys=keys, eps=eps)
+    if delta == 0:
+        return momentum_write(buf, g, momentum, dampening)
+    return delta_forget(buf, g, momentum, delta, keys=keys, eps=eps).add(g, alpha=1 - dampening)
 
 
 # ------------------------------------------------------------------------------ MLP memory
@@ -206,6 +221,24 @@ def mlp_memory(keys: Tensor, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
     return F.silu(keys @ mlp_in.mT) @ mlp_out.mT
 
 
+def _mlp_memory_grads(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
+                      linear: Tensor | None, objective: str) -> tuple[Tensor, Tensor]:
+    """Closed-form gradients ``(dL/dA, dL/dB)`` of the MLP memory's inner objective."""
+    z = keys @ mlp_in.mT
+    sig = torch.sigmoid(z)
+    hidden = z * sig
+    rows = keys.shape[-2]
+    if objective == "dot":
+        d_out = target / -rows
+    else:
+        residual = hidden @ mlp_out.mT - target
+        if linear is not None:
+            residual = residual + linear
+        d_out = residual / rows
+    d_z = (d_out @ mlp_out) * (sig * (1 + z * (1 - sig)))   # silu'(z) = s(z) (1 + z (1 - s(z)))
+    return d_z.mT @ keys, d_out.mT @ hidden
+
+
 def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
                      linear: Tensor | None = None, *, objective: str = "dot",
                      memory_lr: float = 0.01, memory_decay: float = 0.0) -> None:
@@ -220,35 +253,19 @@ def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tens
     ``dA = ((dL/df) B * silu'(Z))^T K``; then ``A -= lr dA``, ``B -= lr dB`` (both from the
     pre-step values) and ``A, B *= 1 - lr * memory_decay``. No autograd graph is built.
     """
-    z = keys @ mlp_in.mT
-    sig = torch.sigmoid(z)
-    hidden = z * sig
-    rows = keys.shape[-2]
-    if objective == "dot":
-        d_out = target / -rows
-    else:
-        residual = hidden @ mlp_out.mT - target
-        if linear is not None:
-            residual = residual + linear
-        d_out = residual / rows
-    d_mlp_out = d_out.mT @ hidden
-    d_z = (d_out @ mlp_out) * (sig * (1 + z * (1 - sig)))
-    d_mlp_in = d_z.mT @ keys
-    mlp_in.sub_(d_mlp_in, alpha=memory_lr)
-    mlp_out.sub_(d_mlp_out, alpha=memory_lr)
+    d_in, d_out = _mlp_memory_grads(mlp_in, mlp_out, keys, target, linear, objective)
     shrink = 1 - memory_lr * memory_decay
-    mlp_in.mul_(shrink)
-    mlp_out.mul_(shrink)
+    mlp_in.sub_(d_in, alpha=memory_lr).mul_(shrink)
+    mlp_out.sub_(d_out, alpha=memory_lr).mul_(shrink)
 
 
 def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
                     linear: Tensor | None = None, *, objective: str = "dot",
                     memory_lr: float = 0.01, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
     """Out-of-place :func:`mlp_memory_step_`: returns the new ``(A, B)`` (autograd-safe)."""
-    mlp_in, mlp_out = mlp_in.clone(), mlp_out.clone()
-    mlp_memory_step_(mlp_in, mlp_out, keys, target, linear, objective=objective,
-                     memory_lr=memory_lr, memory_decay=memory_decay)
-    return mlp_in, mlp_out
+    d_in, d_out = _mlp_memory_grads(mlp_in, mlp_out, keys, target, linear, objective)
+    shrink = 1 - memory_lr * memory_decay
+    return mlp_in.sub(d_in, alpha=memory_lr).mul(shrink), mlp_out.sub(d_out, alpha=memory_lr).mul(shrink)
 
 
 # ------------------------------------------------------------------------------ nonlinear read-out

@@ -1,0 +1,107 @@
+"""deepopt.functional: each rule's math checked against an independent formulation."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import deepopt
+from deepopt import functional as Fn
+
+dims = st.integers(1, 8)
+
+
+@given(rows=dims, cols=dims, hidden=st.integers(1, 6), objective=st.sampled_from(["dot", "l2"]),
+       seed=st.integers(0, 10**6))
+def test_mlp_memory_step_is_a_gradient_step_on_the_inner_objective(rows, cols, hidden, objective, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    linear = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    a = torch.randn(hidden, cols, generator=gen, dtype=torch.float64)
+    b = torch.randn(cols, hidden, generator=gen, dtype=torch.float64)
+    keys = Fn.row_keys(g)
+
+    a_ref, b_ref = a.clone().requires_grad_(), b.clone().requires_grad_()
+    memory = linear + Fn.mlp_memory(keys, a_ref, b_ref)
+    if objective == "dot":
+        loss = -(memory * g).sum() / rows
+    else:
+        loss = 0.5 * (memory - g).square().sum() / rows
+    loss.backward()
+    lr, decay = 0.3, 0.2
+    expect_a = (a - lr * a_ref.grad) * (1 - lr * decay)
+    expect_b = (b - lr * b_ref.grad) * (1 - lr * decay)
+
+    new_a, new_b = Fn.mlp_memory_step(a, b, keys, g, linear, objective=objective, memory_lr=lr, memory_decay=decay)
+    torch.testing.assert_close(new_a, expect_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(new_b, expect_b, rtol=1e-10, atol=1e-12)
+
+
+@given(rows=dims, cols=dims, momentum=st.floats(0.0, 0.99), frac=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
+def test_delta_forget_is_right_multiplication_by_a_contraction(rows, cols, momentum, frac, seed):
+    delta = momentum * frac
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    g = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    gh = g / (torch.linalg.matrix_norm(g) + 1e-8)
+    factor = momentum * torch.eye(cols, dtype=torch.float64) - delta * gh.T @ gh
+    expect = m @ factor
+    got = Fn.delta_forget_(m.clone(), g, momentum, delta, keys="matrix")
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
+    # ||Gh||_2 <= 1 and 0 <= delta <= a: the factor's spectrum lies in [0, a]
+    eig = torch.linalg.eigvalsh(factor)
+    assert eig.min() >= -1e-12 and eig.max() <= momentum + 1e-12
+
+
+def test_delta_forget_erases_the_gradient_direction():
+    """A memory that holds exactly the current gradient direction loses (a - delta) of it with a
+    rank-one gradient, unlike momentum which keeps a of it."""
+    u, v = torch.randn(6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    g = torch.outer(u, v)
+    m = g.clone()
+    Fn.delta_forget_(m, g, 0.9, 0.8, keys="matrix", eps=0.0)
+    torch.testing.assert_close(m, (0.9 - 0.8) * g)
+
+
+def test_delta_elementwise_keys():
+    g = torch.tensor([3.0, -1.0, 0.0, 2.0])
+    m = torch.ones(4)
+    k = g / (g.square().mean().sqrt() + 1e-8)
+    expect = (0.9 - 0.5 * k.square()).clamp(min=0)
+    torch.testing.assert_close(Fn.delta_forget_(m, g, 0.9, 0.5, keys="elementwise"), expect)
+
+
+def test_out_of_place_rules_leave_inputs_alone_and_carry_gradients():
+    buf = torch.randn(2, 3, 5, 4, requires_grad=True)   # batch and head dims
+    g = torch.randn(2, 3, 5, 4, requires_grad=True)
+    buf_before = buf.detach().clone()
+    out = Fn.delta_momentum_write(buf, g, 0.9, 0.0, 0.5)
+    out2 = Fn.momentum_write(buf, g, 0.9, 0.1)
+    (out.square().sum() + out2.sum()).backward()
+    assert torch.equal(buf.detach(), buf_before)
+    assert buf.grad is not None and g.grad is not None and torch.isfinite(buf.grad).all()
+    # batched matrix rule equals the per-matrix rule
+    single = Fn.delta_momentum_write(buf[1, 2].detach(), g[1, 2].detach(), 0.9, 0.0, 0.5)
+    torch.testing.assert_close(out[1, 2].detach(), single, rtol=1e-5, atol=1e-6)
+
+
+def test_newton_schulz_orthogonalises_and_batches():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 8, generator=gen)
+    single = torch.stack([Fn.newton_schulz(m) for m in x])
+    batched = Fn.newton_schulz(x)
+    torch.testing.assert_close(batched.float(), single.float(), rtol=0.05, atol=0.05)
+    s = torch.linalg.svdvals(single[0].float())
+    assert s.min() > 0.5 and s.max() < 1.5   # the quintic's known band around 1
+
+
+@pytest.mark.parametrize("mode, expect", [(None, 0.1), ("original", 0.1 * 2.0), ("match_rms_adamw", 0.1 * 0.2 * 4.0)])
+def test_adjust_lr(mode, expect):
+    assert Fn.adjust_lr(0.1, mode, (16, 4)) == pytest.approx(expect)
+
+
+def test_every_public_name_is_exported():
+    assert set(deepopt.__all__) >= {"AssociativeMomentum", "DeltaMomentum", "DeepMomentum", "M3",
+                                    "MultiFrequency", "functional"}
+    for name in Fn.__all__:
+        assert callable(getattr(Fn, name)) or name == "NS_COEFFICIENTS"
