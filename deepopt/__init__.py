@@ -16,12 +16,7 @@ from .associative_momentum import AssociativeMomentum
 from .deep_momentum import DeepMomentum
 from .delta_momentum import DeltaMomentum
 from .m3 import M3
+from .multi_frequency import MultiFrequency
 
-__all__ = ["AssociativeMomentum", "DeltaMomentum", "DeepMomentum", "M3", "functional"]
+__all__ = ["AssociativeMomentum", "DeltaMomentum", "DeepMomentum", "M3", "MultiFrequency", "functional"]
 __version__ = "0.1.0"
-
-try:  # the scheduler lands in its own module
-    from .multi_frequency import MultiFrequency  # noqa: F401
-    __all__.insert(4, "MultiFrequency")
-except ImportError:  # pragma: no cover
-    pass

@@ -196,7 +196,8 @@ class DeepMomentum(DeepOptimizer):
         if p.ndim >= 2:
             cols = as_matrix(p).shape[1]
             dtype = resolve_state_dtype(group["state_dtype"], p)
-            seed = hash((group["seed"], self._param_index(p))) & (2**63 - 1)
+            # a fixed mix of (seed, param index): the same on every rank, Python and platform
+            seed = (group["seed"] * 0x9E3779B97F4A7C15 + self._param_index(p)) % 2**63
             generator = torch.Generator().manual_seed(seed)
             mlp_in = torch.randn(group["hidden"], cols, generator=generator, dtype=torch.float32) / cols ** 0.5
             state["mlp_in"] = mlp_in.to(device=p.device, dtype=dtype)

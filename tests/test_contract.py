@@ -474,3 +474,31 @@ def test_torch_compile_of_a_training_step(name):
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grad_scaler_skips_inf_steps_and_unscales(name):
+    """GradScaler end to end: an inf step changes nothing; a finite step equals the unscaled one."""
+    base = make_params(shapes_for(name))
+    a, b = clone_params(base), clone_params(base)
+    opt_a, opt_b = CONFIGS[name](a), CONFIGS[name](b)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in a]
+        if step == 1:
+            grads[0].view(-1)[0] = float("inf")
+        before_a, state_before = [p.detach().clone() for p in a], snapshot(opt_a)
+        opt_a.zero_grad()
+        scaler.scale(sum((p * g).sum() for p, g in zip(a, grads))).backward()   # grads = scale * g
+        scaler.step(opt_a)
+        scaler.update()
+        if step == 1:
+            assert_equal_params(a, before_a)
+            assert states_equal(snapshot(opt_a), state_before)
+            continue
+        for p, g in zip(b, grads):
+            p.grad = g
+        opt_b.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,100 @@
+"""Quick start: deepopt in a plain PyTorch training loop.
+
+    python examples/quickstart.py                       # DeepMomentum, 600 steps, a few seconds on a CPU
+    python examples/quickstart.py --optimizer m3
+    python examples/quickstart.py --ckpt /tmp/q.pt --stop-after 300   # interrupted at 300 ...
+    python examples/quickstart.py --ckpt /tmp/q.pt                    # ... resumes there
+
+Two-spirals classification with a small MLP. The only deepopt-specific line is the one that
+builds the optimizer; scheduler, gradient clipping and checkpointing are plain torch.
+"""
+
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import deepopt
+
+
+def two_spirals(n, noise=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.rand(n, generator=gen) * 3 * math.pi + 0.5
+    label = torch.randint(0, 2, (n,), generator=gen)
+    sign = 1 - 2 * label.float()
+    x = torch.stack([sign * t * torch.cos(t), sign * t * torch.sin(t)], dim=1) / 5
+    return x + noise * torch.randn(n, 2, generator=gen), label
+
+
+def build_optimizer(name, model, lr):
+    if name == "deep":
+        return deepopt.DeepMomentum(model.parameters(), lr=lr, momentum=0.9)
+    if name == "delta":
+        return deepopt.DeltaMomentum(model.parameters(), lr=lr, momentum=0.9, delta=0.3)
+    if name == "associative":
+        return deepopt.AssociativeMomentum(model.parameters(), lr=lr, momentum=0.9)
+    if name == "m3":   # hidden matrices to M3, the rest (biases, first and last layer) to AdamW
+        return deepopt.M3(deepopt.M3.matrix_groups(model, lr=3e-3), lr=lr, precondition=False)
+    if name == "multifreq":   # first layer updates every 4 steps on its summed gradients
+        return deepopt.MultiFrequency(deepopt.DeepMomentum(
+            [{"params": model[0].parameters(), "update_every": 4},
+             {"params": [p for layer in model[1:] for p in layer.parameters()]}], lr=lr, momentum=0.9))
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--optimizer", default="deep", choices=["deep", "delta", "associative", "m3", "multifreq"])
+    parser.add_argument("--lr", type=float, default=None, help="default: 0.5 (0.02 for m3)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--ckpt", default=None, help="checkpoint file: saved at the end, resumed if present")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop (and checkpoint) after this step, as if interrupted")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    lr = args.lr if args.lr is not None else (0.02 if args.optimizer == "m3" else 0.5)
+
+    torch.manual_seed(args.seed)
+    x_train, y_train = two_spirals(2048, seed=1)
+    x_val, y_val = two_spirals(512, seed=2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128),
+                                torch.nn.Tanh(), torch.nn.Linear(128, 2))
+    opt = build_optimizer(args.optimizer, model, lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
+    start = 0
+    if args.ckpt and os.path.exists(args.ckpt):
+        ckpt = torch.load(args.ckpt, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        start = ckpt["step"]
+        print(f"resumed from {args.ckpt} at step {start}")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    if start:   # replay the batch stream up to the checkpoint
+        for _ in range(start):
+            torch.randint(0, len(x_train), (128,), generator=gen)
+    end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    for step in range(start, end):
+        idx = torch.randint(0, len(x_train), (128,), generator=gen)
+        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            with torch.no_grad():
+                accuracy = (model(x_val).argmax(1) == y_val).float().mean().item()
+            print(f"step {step:4d}  loss {loss.item():.4f}  val acc {accuracy:.3f}")
+
+    if args.ckpt:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "step": end}, args.ckpt)
+    return model
+
+
+if __name__ == "__main__":
+    main()
