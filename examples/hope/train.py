@@ -47,8 +47,8 @@ PRESETS = {
 PRESETS["tiny"] = dict(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=16, steps=50,
                        warmup=5, eval_every=25, eval_windows=16, final_eval_windows=32, cms_hidden=32,
                        threads=1)                                         # tests / smoke runs
-DEFAULT_LR = {"adamw": 3e-3, "associative": 3e-3, "m3": 0.02, "deep": 0.1, "delta": 0.1}
-DEFAULT_OPTIMIZER = "associative"
+DEFAULT_LR = {"adamw": 3e-3, "associative": 3e-3, "m3": 3e-4, "deep": 0.1, "delta": 0.5}
+DEFAULT_OPTIMIZER = "associative"   # robust on both models in 150-step CPU checks (results.md)
 
 
 def make_optimizer(name: str, model, lr: float, weight_decay: float = 0.0):
@@ -56,7 +56,8 @@ def make_optimizer(name: str, model, lr: float, weight_decay: float = 0.0):
     group per (optimizer group x CMS period). Import of deepopt happens here, not at module load."""
     import deepopt
     if name == "m3":
-        base = deepopt.M3.matrix_groups(model, lr=lr / 7)     # AdamW group for non-matrices
+        # AdamW group for embeddings/head/norms: its own lr (M3's lr is on a 1/|g| scale)
+        base = deepopt.M3.matrix_groups(model, lr=DEFAULT_LR["adamw"])
         # memory initial states (3-D/4-D) and conv filters are not weight matrices: AdamW too
         odd = [p for p in base[0]["params"] if p.ndim != 2]
         base[0]["params"] = [p for p in base[0]["params"] if p.ndim == 2]
