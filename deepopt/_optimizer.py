@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
+from . import _triton
+
 _NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
 
@@ -86,6 +88,23 @@ def as_matrix(t: Tensor) -> Tensor:
     return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
 
 
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """A DTensor with ``like``'s mesh and placements from a whole (replicated) tensor; the
+    Replicate -> Shard redistribution is a local slice, no communication."""
+    from torch.distributed.tensor import DTensor, Replicate
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements)
+
+
+def _local_shard(whole: Tensor, like: Tensor) -> Tensor:
+    return _shard_like(whole, like).to_local()
+
+
 # ----------------------------------------------------------------------------- base class
 class DeepOptimizer(Optimizer):
     """Shared machinery; see the module docstring. Not part of the public API."""
@@ -94,12 +113,8 @@ class DeepOptimizer(Optimizer):
     _supports_complex = False
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
-        if defaults.get("fused"):
-            if defaults.get("foreach"):
-                raise RuntimeError("`fused` and `foreach` cannot both be True")
-            raise RuntimeError(
-                f"fused=True: deepopt.{type(self).__name__} has no fused kernel in this build; "
-                "use fused=None (default) or foreach=True")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot both be True")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -115,10 +130,47 @@ class DeepOptimizer(Optimizer):
         check_choice("nonfinite", merged.get("nonfinite", "propagate"), _NONFINITE_POLICIES)
         _check_state_dtype(merged.get("state_dtype"))
         self._validate_group(merged)
+        self._check_fused(merged)
         super().add_param_group(param_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check a group's rule hyperparameters; raise ``ValueError`` naming the bad one."""
+
+    # -- fused kernels (deepopt/_triton.py) ---------------------------------------------------
+    def _check_fused(self, group: dict[str, Any]) -> None:
+        """``fused=True`` where the kernels cannot run raises here, before the group is added."""
+        if not group.get("fused"):
+            return
+        if group.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot both be True")
+        reason = "params are DTensors (FSDP2); use foreach" if any(_is_dtensor(p) for p in group["params"]) \
+            else _triton.unavailable_reason(group["params"])
+        if reason is not None:
+            raise RuntimeError(f"fused=True: deepopt.{type(self).__name__} cannot use its fused kernels: "
+                               f"{reason}. Use fused=None (default: fused on CUDA, else foreach) or foreach=True")
+
+    def _fused_group(self, group: dict[str, Any]) -> bool:
+        """``fused=True``: the Triton kernels; ``None``: them for CUDA tensors (with Triton
+        installed and ``foreach`` not set), else foreach; ``False``: never."""
+        fused = group.get("fused")
+        if fused is None:
+            return (group.get("foreach") is None and _triton.auto_fused(group["params"])
+                    and not any(_is_dtensor(p) for p in group["params"]))
+        return bool(fused)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True when every group runs fused: GradScaler then hands ``grad_scale`` / ``found_inf``
+        to ``step()`` (the kernels unscale and skip) instead of unscaling ``p.grad`` itself."""
+        override = self.__dict__.get("_amp_scaling_override")
+        if override is not None:
+            return override
+        groups = self.__dict__.get("param_groups") or []
+        return bool(groups) and all(self._fused_group(g) for g in groups)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value) -> None:
+        self.__dict__["_amp_scaling_override"] = value
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -187,11 +239,49 @@ class DeepOptimizer(Optimizer):
                     self._init_state(group, p, state)
             # rules compute in the state dtype (bf16 grads -> fp32 G with fp32 state; a no-op otherwise)
             grads = [g.to(resolve_state_dtype(group["state_dtype"], p)) for p, g in zip(params, grads)]
+            if self._needs_whole_matrices(group) and any(_is_dtensor(p) for p in params):
+                self._update_gathered(group, params, grads, states)
+                continue
+            if self._fused_group(group):
+                amp = None
+                if self._step_supports_amp_scaling and getattr(self, "found_inf", None) is not None:
+                    amp = (getattr(self, "grad_scale", None), self.found_inf)
+                self._update(group, params, grads, states, False, fused=True, amp=amp)
+                continue
             foreach = group["foreach"]
             if foreach is None:
                 _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
             self._update(group, params, grads, states, bool(foreach))
         return loss
+
+    # -- sharded params (FSDP2 / DTensor) ----------------------------------------------------
+    def _needs_whole_matrices(self, group: dict[str, Any]) -> bool:
+        """True for rules that need each matrix whole (an MLP over full rows, Newton-Schulz).
+        Elementwise rules and DeltaMomentum's matrix keys run on DTensor shards as they are."""
+        return False
+
+    def _update_gathered(self, group, params, grads, states) -> None:
+        """Run the rule on whole matrices gathered from their shards, then keep each rank's shard.
+
+        One all-gather of param, grad and param-shaped state per sharded param; every rank
+        computes the same update (replicated state such as the MLP memory stays identical).
+        """
+        for p, g, state in zip(params, grads, states):
+            if not _is_dtensor(p):
+                self._update(group, [p], [g], [state], False)
+                continue
+            whole_p, whole_g = p.full_tensor(), g.full_tensor()
+            whole_state = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in state.items()}
+            self._update(group, [whole_p], [whole_g], [whole_state], False)
+            p.to_local().copy_(_local_shard(whole_p, p))
+            for key, value in whole_state.items():
+                current = state.get(key)
+                if _is_dtensor(current):
+                    current.to_local().copy_(_local_shard(value, current))
+                elif current is None and value.shape == whole_p.shape:   # created by the rule
+                    state[key] = _shard_like(value, p)
+                else:
+                    state[key] = value
 
     # -- subclass interface ------------------------------------------------------------------
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, tuple[int, ...]]:
@@ -200,7 +290,8 @@ class DeepOptimizer(Optimizer):
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _update(self, group, params, grads, states, foreach: bool) -> None:
+    def _update(self, group, params, grads, states, foreach: bool, *, fused: bool = False, amp=None) -> None:
+        """``fused=True``: the Triton path; ``amp = (grad_scale, found_inf)`` from GradScaler or None."""
         raise NotImplementedError
 
     def _zeros(self, group: dict[str, Any], p: Tensor, shape=None) -> Tensor:

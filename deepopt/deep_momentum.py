@@ -177,6 +177,9 @@ class DeepMomentum(DeepOptimizer):
         if not isinstance(group["seed"], int):
             raise ValueError(f"invalid seed={group['seed']!r}: must be an int")
 
+    def _needs_whole_matrices(self, group):
+        return True
+
     def _state_spec(self, group, p):
         spec = {"step": (), "momentum_buffer": p.shape}
         if p.ndim >= 2:
@@ -203,8 +206,15 @@ class DeepMomentum(DeepOptimizer):
             state["mlp_in"] = mlp_in.to(device=p.device, dtype=dtype)
             state["mlp_out"] = torch.zeros(cols, group["hidden"], device=p.device, dtype=dtype)
 
-    def _update(self, group, params, grads, states, foreach):
+    def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
         fn = _multi_tensor_deep_momentum if foreach else _single_tensor_deep_momentum
+        if fused:   # Triton multi-tensor kernels around the MLP / Newton-Schulz torch ops
+            from functools import partial
+
+            from . import _triton
+            from ._optimizer import resolve_state_dtype
+            fn = partial(_triton.fused_deep_momentum_, amp=amp,
+                         state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
         fn(params, grads, states, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
            weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
            decoupled_weight_decay=group["decoupled_weight_decay"], objective=group["objective"],

@@ -196,6 +196,9 @@ class M3(DeepOptimizer):
                     "Route embeddings, heads, norms and biases to AdamW with "
                     "deepopt.M3(deepopt.M3.matrix_groups(model), lr=...) or a group with algorithm='adamw'")
 
+    def _needs_whole_matrices(self, group):
+        return group["algorithm"] == "m3"
+
     def _state_spec(self, group, p):
         if group["algorithm"] == "adamw":
             return {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}
@@ -208,14 +211,28 @@ class M3(DeepOptimizer):
             if key != "step":
                 state[key] = self._zeros(group, p).contiguous()
 
-    def _update(self, group, params, grads, states, foreach):
+    def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
         momentum, lr = group["momentum"], group["lr"]
         if group["algorithm"] == "adamw":
             fn = _multi_tensor_adam if foreach else _single_tensor_adam
+            if fused:   # Triton multi-tensor Adam kernel
+                from functools import partial
+
+                from . import _triton
+                from ._optimizer import resolve_state_dtype
+                fn = partial(_triton.fused_adam_, amp=amp,
+                             state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
             fn(params, grads, states, lr=lr, beta1=momentum, beta2=group["beta2"], eps=group["eps"],
                weight_decay=group["weight_decay"], maximize=group["maximize"], decoupled_weight_decay=True)
             return
         fn = _multi_tensor_m3 if foreach else _single_tensor_m3
+        if fused:   # Triton multi-tensor kernels around the Newton-Schulz torch ops
+            from functools import partial
+
+            from . import _triton
+            from ._optimizer import resolve_state_dtype
+            fn = partial(_triton.fused_m3_, amp=amp,
+                         state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
         dampening = momentum if group["dampening"] is None else group["dampening"]
         fn(params, grads, states, lr=lr, momentum=momentum, dampening=dampening,
            weight_decay=group["weight_decay"], maximize=group["maximize"], nesterov=group["nesterov"],
