@@ -208,9 +208,20 @@ class AssociativeMomentum(DeepOptimizer):
             state["exp_avg_sq"] = self._zeros(group, p)
         # SGD value map: the memory is created by its first write (M = G)
 
-    def _update(self, group, params, grads, states, foreach):
+    def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
         common = dict(lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                       decoupled_weight_decay=group["decoupled_weight_decay"])
+        if fused:   # Triton multi-tensor kernels (deepopt/_triton.py)
+            from . import _triton
+            state_dtype_of = lambda p: resolve_state_dtype(group["state_dtype"], p)  # noqa: E731
+            if group["preconditioner"] == "adam":
+                _triton.fused_adam_(params, grads, states, beta1=group["momentum"], beta2=group["beta2"],
+                                    eps=group["eps"], state_dtype_of=state_dtype_of, amp=amp, **common)
+            else:
+                _triton.fused_momentum_(params, grads, states, momentum=group["momentum"],
+                                        dampening=group["dampening"] or 0.0, nesterov=group["nesterov"],
+                                        state_dtype_of=state_dtype_of, amp=amp, **common)
+            return
         if group["preconditioner"] == "adam":
             fn = _multi_tensor_adam if foreach else _single_tensor_adam
             fn(params, grads, states, beta1=group["momentum"], beta2=group["beta2"], eps=group["eps"],

@@ -85,8 +85,18 @@ class DeltaMomentum(DeepOptimizer):
     def _init_state(self, group, p, state):
         pass  # the memory is created by its first write (M = G), as torch SGD
 
-    def _update(self, group, params, grads, states, foreach):
+    def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
         momentum, dampening = group["momentum"], group["dampening"] or 0.0
+        if fused:   # Triton multi-tensor kernels (deepopt/_triton.py); matrix keys: torch matmuls
+            from . import _triton
+            from ._optimizer import resolve_state_dtype
+            _triton.fused_momentum_(
+                params, grads, states, lr=group["lr"], momentum=momentum, dampening=dampening,
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], amp=amp, delta=group["delta"],
+                keys=group["keys"], eps=group["eps"],
+                state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
+            return
         write_ = None   # delta == 0: the momentum write itself
         if group["delta"] != 0:
             write_ = partial(_delta_write_, momentum=momentum, dampening=dampening, delta=group["delta"],

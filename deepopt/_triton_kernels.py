@@ -1,0 +1,275 @@
+"""The Triton kernels of :mod:`deepopt._triton` (imported on first use: it imports triton).
+
+Every kernel walks one multi-tensor table (see :mod:`deepopt._triton`): argument prefix
+``(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog)``, then its own arguments; each program
+runs ``ITERS`` chunks of ``BLOCK`` elements. All arithmetic is fp32 (fp64 for Adam's bias
+corrections); stores are masked off when ``found_inf`` is set.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk(tab, n_tensors, n_chunks, pid, i, nprog, BLOCK: tl.constexpr):
+    """(tensor index, element offsets, mask) of this program's i-th chunk."""
+    c = pid + i * nprog
+    valid = c < n_chunks
+    t = tl.load(tab + c, mask=valid, other=0)
+    start = tl.load(tab + n_chunks + c, mask=valid, other=0)
+    return t, start, valid
+
+@triton.jit
+def _lerp(a, b, w, W_SMALL: tl.constexpr):
+    # torch's lerp: a + w (b - a) for |w| < 0.5, else b - (b - a)(1 - w)
+    if W_SMALL:
+        return a + w * (b - a)
+    else:
+        return b - (b - a) * (1.0 - w)
+
+@triton.jit
+def _ptr(ptrs, row, n_tensors, t, valid, DT: tl.constexpr):
+    return tl.load(ptrs + row * n_tensors + t, mask=valid, other=0).to(tl.pointer_type(DT))
+
+@triton.jit
+def _lr(lr, lr_ptr, LR_TENSOR: tl.constexpr):
+    if LR_TENSOR:
+        return tl.load(lr_ptr).to(tl.float32)
+    else:
+        return lr
+
+@triton.jit
+def _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE: tl.constexpr, G_DT: tl.constexpr):
+    g = tl.load(_ptr(ptrs, 1, n_tensors, t, valid, G_DT) + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g / tl.load(scale_ptr).to(tl.float32)
+    return g
+
+@triton.jit
+def _ok(m, offs, inf_ptr, HAS_INF: tl.constexpr):
+    # found_inf loaded as a (broadcast) block: the interpreter mishandles scalar float compares
+    if HAS_INF:
+        return m & (tl.load(inf_ptr + offs * 0, mask=m, other=1.0) == 0.0)
+    else:
+        return m
+
+# -- sum of squares of the pre-processed gradient, per tensor (delta-rule elementwise keys)
+@triton.jit
+def sumsq_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, acc, wd, scale_ptr,
+                 P_DT: tl.constexpr, G_DT: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 COUPLED_WD: tl.constexpr, HAS_SCALE: tl.constexpr, ITERS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    for i in range(ITERS):
+        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
+        n = tl.load(sizes + t, mask=valid, other=0)
+        offs = start + tl.arange(0, BLOCK)
+        m = valid & (offs < n)
+        g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
+        if MAXIMIZE:
+            g = -g
+        if COUPLED_WD:
+            p = tl.load(_ptr(ptrs, 0, n_tensors, t, valid, P_DT) + offs, mask=m, other=0.0).to(tl.float32)
+            g = g + wd * p
+        tl.atomic_add(acc + t, tl.sum(g * g, 0), mask=valid)
+
+# -- the momentum family: SGD convention, zero-init convention, delta-rule writes
+@triton.jit
+def momentum_kernel(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog, rms,
+                    lr, lr_ptr, scale_ptr, inf_ptr, momentum, write_rate, delta, wd, decay,
+                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                    NESTEROV: tl.constexpr, LERP: tl.constexpr, W_SMALL: tl.constexpr,
+                    A_SMALL: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_INF: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lr_v = _lr(lr, lr_ptr, LR_TENSOR)
+    if LR_TENSOR:
+        decay_v = 1.0 - lr_v * wd
+    else:
+        decay_v = decay
+    for i in range(ITERS):
+        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
+        n = tl.load(sizes + t, mask=valid, other=0)
+        mode = tl.load(modes + t, mask=valid, other=0)
+        offs = start + tl.arange(0, BLOCK)
+        m = valid & (offs < n)
+        st = _ok(m, offs, inf_ptr, HAS_INF)
+        p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
+        g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
+        if MAXIMIZE:
+            g = -g
+        p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if WD_MODE == 1:
+            g = g + wd * p
+        if HAS_MOMENTUM:
+            b_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
+            b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            kind = mode % 8
+            if LERP:
+                nb = _lerp(b, g, write_rate, W_SMALL)
+            else:
+                nb = b * momentum + write_rate * g
+            # delta rule, elementwise keys: retention max(a - delta k^2, 0), k = g / (rms + eps)
+            k = g / tl.load(rms + t, mask=valid, other=1.0)
+            ret = tl.maximum(momentum - delta * (k * k), 0.0)
+            nb = tl.where(kind == 2, b * ret + write_rate * g, nb)
+            # delta rule, matrix keys: retention term R = (M Gh^T) Gh from torch
+            r_ptr = _ptr(ptrs, 3, n_tensors, t, valid, S_DT)
+            r = tl.load(r_ptr + offs, mask=m & (kind == 3), other=0.0).to(tl.float32)
+            nb = tl.where(kind == 3, (b * momentum - delta * r) + write_rate * g, nb)
+            nb = tl.where(kind == 1, g, nb)
+            nb = nb.to(S_DT).to(tl.float32)
+            tl.store(b_ptr + offs, nb.to(S_DT), mask=st)
+            if NESTEROV:
+                if LERP:
+                    u = _lerp(g, nb, momentum, A_SMALL)
+                else:
+                    u = g + momentum * nb
+            else:
+                u = nb
+        else:
+            u = g
+        if WD_MODE == 2:
+            p = p * decay_v
+        p = p + (-lr_v) * u
+        tl.store(p_ptr + offs, p.to(P_DT), mask=st & (mode < 8))
+
+# -- Adam / AdamW (the adam value map; M3's AdamW groups)
+@triton.jit
+def _pow(b, e):
+    # b ** e for an integer-valued e >= 0, by repeated squaring (fp64, no libdevice)
+    r = tl.full((), 1.0, tl.float64)
+    while e > 0:
+        if e % 2 == 1:
+            r = r * b
+        b = b * b
+        e = e // 2
+    return r
+
+@triton.jit
+def adam_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, hp,
+                lr, lr_ptr, scale_ptr, inf_ptr, w1, w2, eps, wd,
+                P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr, W_SMALL: tl.constexpr,
+                LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lr_v = _lr(lr, lr_ptr, LR_TENSOR)
+    beta1 = tl.load(hp)
+    beta2 = tl.load(hp + 1)
+    for i in range(ITERS):
+        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
+        n = tl.load(sizes + t, mask=valid, other=0)
+        offs = start + tl.arange(0, BLOCK)
+        m = valid & (offs < n)
+        st = _ok(m, offs, inf_ptr, HAS_INF)
+        step = tl.load(_ptr(ptrs, 4, n_tensors, t, valid, tl.float32), mask=valid, other=1.0)
+        e = step.to(tl.int32)
+        bc1 = 1.0 - _pow(beta1, e)
+        bc2 = 1.0 - _pow(beta2, e)
+        step_size = (lr_v.to(tl.float64) / bc1).to(tl.float32)
+        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+        p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
+        m_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
+        v_ptr = _ptr(ptrs, 3, n_tensors, t, valid, S_DT)
+        g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
+        if MAXIMIZE:
+            g = -g
+        p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if WD_MODE == 1:
+            g = g + wd * p
+        if WD_MODE == 2:
+            p = p * (1.0 - lr_v * wd)
+        ma = tl.load(m_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        va = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        ma = _lerp(ma, g, w1, W_SMALL).to(S_DT).to(tl.float32)
+        va = (va * beta2.to(tl.float32) + w2 * (g * g)).to(S_DT).to(tl.float32)
+        denom = tl.sqrt(va) / bc2_sqrt + eps
+        p = p + (-step_size) * (ma / denom)
+        tl.store(m_ptr + offs, ma.to(S_DT), mask=st)
+        tl.store(v_ptr + offs, va.to(S_DT), mask=st)
+        tl.store(p_ptr + offs, p.to(P_DT), mask=st)
+
+# -- M3's every-step writes: M1, S, A and the decoupled decay
+@triton.jit
+def m3_write_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog,
+                    lr, lr_ptr, scale_ptr, inf_ptr, momentum, write_rate, beta2, wd, decay,
+                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                    LERP: tl.constexpr, W_SMALL: tl.constexpr, HAS_WD: tl.constexpr,
+                    LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                    ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lr_v = _lr(lr, lr_ptr, LR_TENSOR)
+    if LR_TENSOR:
+        decay_v = 1.0 - lr_v * wd
+    else:
+        decay_v = decay
+    for i in range(ITERS):
+        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
+        n = tl.load(sizes + t, mask=valid, other=0)
+        offs = start + tl.arange(0, BLOCK)
+        m = valid & (offs < n)
+        st = _ok(m, offs, inf_ptr, HAS_INF)
+        g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
+        b_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
+        s_ptr = _ptr(ptrs, 3, n_tensors, t, valid, S_DT)
+        a_ptr = _ptr(ptrs, 4, n_tensors, t, valid, S_DT)
+        b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if LERP:
+            b = _lerp(b, g, write_rate, W_SMALL)
+        else:
+            b = b * momentum + write_rate * g
+        s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        s = s * beta2 + (1.0 - beta2) * (g * g)
+        a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32) + g
+        tl.store(b_ptr + offs, b.to(S_DT), mask=st)
+        tl.store(s_ptr + offs, s.to(S_DT), mask=st)
+        tl.store(a_ptr + offs, a.to(S_DT), mask=st)
+        if HAS_WD:
+            p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
+            p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(p_ptr + offs, (p * decay_v).to(P_DT), mask=st)
+
+# -- the last step of the matrix rules: p <- p * decay - lr_t * (X [+ w O] [/ (sqrt(S/bc2_t)+eps)])
+@triton.jit
+def apply_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, cols,
+                 lr, lr_ptr, inf_ptr, wd, decay, slow_weight, eps,
+                 P_DT: tl.constexpr, X_DT: tl.constexpr, S_DT: tl.constexpr,
+                 HAS_WD: tl.constexpr, HAS_SLOW: tl.constexpr, PRECOND: tl.constexpr,
+                 LR_TENSOR: tl.constexpr, HAS_INF: tl.constexpr,
+                 ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lr_v = _lr(lr, lr_ptr, LR_TENSOR)
+    if LR_TENSOR:
+        decay_v = 1.0 - lr_v * wd
+    else:
+        decay_v = decay
+    for i in range(ITERS):
+        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
+        n = tl.load(sizes + t, mask=valid, other=0)
+        offs = start + tl.arange(0, BLOCK)
+        m = valid & (offs < n)
+        st = _ok(m, offs, inf_ptr, HAS_INF)
+        # cols: [lr scale (lr tensor) or adjusted lr (float lr) | 1 - beta2**t]
+        lr_t = tl.load(cols + t, mask=valid, other=0.0)
+        if LR_TENSOR:
+            lr_t = lr_v * lr_t
+        p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
+        p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(_ptr(ptrs, 1, n_tensors, t, valid, X_DT) + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_SLOW:
+            o = tl.load(_ptr(ptrs, 2, n_tensors, t, valid, S_DT) + offs, mask=m, other=0.0).to(tl.float32)
+            u = u + slow_weight * o
+        if PRECOND:
+            bc2 = tl.load(cols + n_tensors + t, mask=valid, other=1.0)
+            s = tl.load(_ptr(ptrs, 3, n_tensors, t, valid, S_DT) + offs, mask=m, other=0.0).to(tl.float32)
+            u = u / (tl.sqrt(s / bc2) + eps)
+        if HAS_WD:
+            p = p * decay_v
+        p = p + (-lr_t) * u
+        tl.store(p_ptr + offs, p.to(P_DT), mask=st)
+
+
+KERNELS = dict(sumsq=sumsq_kernel, momentum=momentum_kernel, adam=adam_kernel, m3_write=m3_write_kernel,
+               apply=apply_kernel)
