@@ -1,0 +1,186 @@
+"""Optimizer factory: ``name -> (build(model, lr, *, aux_lr, seed, mf_periods), LR grid)``.
+
+Every optimizer runs with weight decay 0 (budgets are a few hundred steps). ``aux_lr`` is the
+AdamW learning rate for the parameters a matrix optimizer does not take (Muon, M3 and the
+Newton-Schulz DeepMomentum route embeddings, the head, biases and norms to AdamW, as Muon users
+do): the benchmark passes AdamW's best LR on the same task.
+
+Names:
+    sgd          torch.optim.SGD, momentum 0.9
+    adamw        torch.optim.AdamW, betas (0.9, 0.999), weight_decay 0
+    muon         torch.optim.Muon on 2-D hidden matrices (momentum 0.95, Nesterov) + AdamW
+                 (aux_lr) for the rest; torch's Muon takes only 2-D params, so conv kernels go
+                 to AdamW (M3 and deep-ns view them as matrices).
+    assoc-sgd    deepopt.AssociativeMomentum (SGD convention): not swept, one confirming run at
+                 sgd's best LR (must equal torch SGD exactly)
+    assoc-adamw  deepopt.AssociativeMomentum(preconditioner="adam", decoupled_weight_decay=True):
+                 confirming run at adamw's best LR (must equal torch AdamW exactly)
+    delta        deepopt.DeltaMomentum, momentum 0.9, delta 0.5, keys="matrix" (the defaults)
+    deep         deepopt.DeepMomentum, momentum 0.9, defaults (MLP memory, dot objective,
+                 identity output)
+    deep-ns      deepopt.DeepMomentum(output="newton_schulz", momentum=dampening=0.95, Nesterov,
+                 adjust_lr="original") on the matrices + AdamW (aux_lr) for the rest
+    m3           deepopt.M3 (defaults) on M3.matrix_groups(model), AdamW (aux_lr) for the rest
+    mf-adamw     deepopt.MultiFrequency(AdamW, reduce="mean") with the task's slow levels
+    mf-deep      deepopt.MultiFrequency(DeepMomentum, reduce="mean") with the task's slow levels
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import deepopt
+
+
+def log_grid(lo_exp: float, hi_exp: float, per_decade: int = 2) -> list[float]:
+    """LRs 10**e for e from lo_exp to hi_exp in steps of 1/per_decade (rounded to 3 digits)."""
+    n = int(round((hi_exp - lo_exp) * per_decade)) + 1
+    return [float(f"{10 ** e:.3g}") for e in np.linspace(lo_exp, hi_exp, n)]
+
+
+class Chain:
+    """Two optimizers stepped together (Muon-style routing: matrices + AdamW for the rest)."""
+
+    def __init__(self, *opts):
+        self.opts = [o for o in opts if o is not None]
+
+    @property
+    def param_groups(self):
+        return [g for o in self.opts for g in o.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        for o in self.opts:
+            o.step()
+
+
+def _split_matrices(model, two_d_only=False):
+    """(matrices, others) by deepopt.M3.matrix_groups' rule (hidden matrices vs embeddings,
+    head, ndim < 2); ``two_d_only`` also sends conv kernels (ndim > 2) to ``others``."""
+    mats, others = [], []
+    for g in deepopt.M3.matrix_groups(model):
+        (others if g.get("algorithm") == "adamw" else mats).extend(g["params"])
+    if two_d_only:
+        others += [p for p in mats if p.ndim != 2]
+        mats = [p for p in mats if p.ndim == 2]
+    return mats, others
+
+
+def _adamw(params, lr):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
+
+
+def build_sgd(model, lr, **kw):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def build_adamw(model, lr, **kw):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+def build_muon(model, lr, aux_lr, **kw):
+    mats, others = _split_matrices(model, two_d_only=True)
+    muon = torch.optim.Muon(mats, lr=lr, weight_decay=0.0, momentum=0.95, nesterov=True) if mats else None
+    return Chain(muon, _adamw(others, aux_lr))
+
+
+def build_assoc_sgd(model, lr, **kw):
+    return deepopt.AssociativeMomentum(model.parameters(), lr=lr, momentum=0.9)
+
+
+def build_assoc_adamw(model, lr, **kw):
+    return deepopt.AssociativeMomentum(model.parameters(), lr=lr, momentum=0.9, preconditioner="adam",
+                                       beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True)
+
+
+def build_delta(model, lr, **kw):
+    return deepopt.DeltaMomentum(model.parameters(), lr=lr, momentum=0.9, delta=0.5, keys="matrix")
+
+
+def build_deep(model, lr, seed=0, **kw):
+    return deepopt.DeepMomentum(model.parameters(), lr=lr, momentum=0.9, seed=seed)
+
+
+def build_deep_ns(model, lr, aux_lr, seed=0, **kw):
+    mats, others = _split_matrices(model)
+    deep = deepopt.DeepMomentum(mats, lr=lr, momentum=0.95, dampening=0.95, nesterov=True,
+                                output="newton_schulz", adjust_lr="original", seed=seed) if mats else None
+    return Chain(deep, _adamw(others, aux_lr))
+
+
+def build_m3(model, lr, aux_lr, **kw):
+    groups = deepopt.M3.matrix_groups(model, lr=aux_lr, momentum=0.9, beta2=0.999)
+    return deepopt.M3(groups, lr=lr)
+
+
+def build_mf_adamw(model, lr, mf_periods, **kw):
+    groups = deepopt.MultiFrequency.groups_by_name(model, mf_periods)
+    return deepopt.MultiFrequency(torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), reduce="mean")
+
+
+def build_mf_deep(model, lr, mf_periods, seed=0, **kw):
+    groups = deepopt.MultiFrequency.groups_by_name(model, mf_periods)
+    return deepopt.MultiFrequency(deepopt.DeepMomentum(groups, lr=lr, momentum=0.9, seed=seed), reduce="mean")
+
+
+# 5-point half-decade grids; the sweep extends a grid past an edge when the best LR is on it.
+SGD_GRID = log_grid(-2.5, -0.5)          # 3.16e-3 .. 0.316
+ADAM_GRID = log_grid(-3.5, -1.5)         # 3.16e-4 .. 3.16e-2
+MUON_GRID = log_grid(-2.5, -0.5)         # 3.16e-3 .. 0.316
+M3_GRID = log_grid(-6, -4)               # 1e-6 .. 1e-4 (preconditioned: the update scales like 1/|g|)
+
+OPTIMIZERS = {
+    # name: (build, grid, needs aux_lr, twin for confirming runs, needs MF periods, deepopt?)
+    "sgd": dict(build=build_sgd, grid=SGD_GRID, deepopt=False),
+    "adamw": dict(build=build_adamw, grid=ADAM_GRID, deepopt=False),
+    "muon": dict(build=build_muon, grid=MUON_GRID, aux=True, deepopt=False),
+    "assoc-sgd": dict(build=build_assoc_sgd, grid=None, twin="sgd", deepopt=True),
+    "assoc-adamw": dict(build=build_assoc_adamw, grid=None, twin="adamw", deepopt=True),
+    "delta": dict(build=build_delta, grid=SGD_GRID, deepopt=True),
+    "deep": dict(build=build_deep, grid=SGD_GRID, deepopt=True),
+    "deep-ns": dict(build=build_deep_ns, grid=MUON_GRID, aux=True, deepopt=True),
+    "m3": dict(build=build_m3, grid=M3_GRID, aux=True, deepopt=True),
+    "mf-adamw": dict(build=build_mf_adamw, grid=ADAM_GRID, mf=True, deepopt=True),
+    "mf-deep": dict(build=build_mf_deep, grid=SGD_GRID, mf=True, deepopt=True),
+}
+
+# Per-task grid overrides (the rest use the optimizer's grid): gradients on Rosenbrock are
+# O(100), so the SGD-scale rules need far smaller steps.
+GRID_OVERRIDES = {
+    ("rosenbrock", "sgd"): log_grid(-5, -3),
+    ("rosenbrock", "delta"): log_grid(-5, -3),
+    ("rosenbrock", "deep"): log_grid(-5, -3),
+    ("rosenbrock", "adamw"): log_grid(-2, 0),
+    ("rosenbrock", "m3"): log_grid(-3, -1),
+    ("noisy_quadratic", "sgd"): log_grid(-1.5, 0.5),
+    ("noisy_quadratic", "delta"): log_grid(-1.5, 0.5),
+    ("noisy_quadratic", "deep"): log_grid(-1.5, 0.5),
+    ("noisy_quadratic", "m3"): log_grid(-5, -3),
+}
+
+QUICK_GRID_SIZE = 3
+
+
+def grid_for(task: str, opt: str, quick: bool = False) -> list[float] | None:
+    grid = GRID_OVERRIDES.get((task, opt), OPTIMIZERS[opt]["grid"])
+    if grid is None:
+        return None
+    if quick:   # the middle values
+        k = (len(grid) - QUICK_GRID_SIZE) // 2
+        grid = grid[k:k + QUICK_GRID_SIZE]
+    return list(grid)
+
+
+def applicable(task, opt: str) -> bool:
+    """MultiFrequency variants need layer structure (``task.mf_periods``); torch's Muon needs a
+    2-D hidden matrix (``task.muon``); the rest run everywhere."""
+    if opt == "muon" and not task.muon:
+        return False
+    return not OPTIMIZERS[opt].get("mf") or task.mf_periods is not None
+
+
+def build(opt: str, model, lr: float, *, aux_lr: float | None = None, seed: int = 0, mf_periods=None):
+    return OPTIMIZERS[opt]["build"](model, lr, aux_lr=aux_lr, seed=seed, mf_periods=mf_periods)

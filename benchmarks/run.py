@@ -1,0 +1,404 @@
+"""Run the benchmark protocol and write ``results.json``, ``results.md`` and the plots.
+
+    python -m benchmarks.run                                  # full suite -> benchmarks/results/
+    python -m benchmarks.run --quick --out /tmp/bench         # smoke run (<= 3 min)
+    python -m benchmarks.run --tasks mnist1d_mlp,rosenbrock --optimizers adamw,deep --seeds 3
+
+Protocol (DESIGN §6, issue 5):
+1. Per task and optimizer, an LR sweep on seed 0 (>= 5 values on a half-decade log grid,
+   extended past an edge, up to twice, when the best LR sits on it), selected on the final
+   *validation* metric (loss; average final accuracy for the continual task). AdamW and SGD
+   are swept first: Muon, M3 and deep-ns use AdamW's best LR for their non-matrix params.
+2. The best LR runs on seeds 0..N-1 (seed 0 is the sweep run itself: every run records both
+   the validation and the test curves; selection reads only validation). Reported numbers are
+   on the *test* split.
+3. AssociativeMomentum is not swept: one confirming run per task at SGD's / AdamW's best LR,
+   checked against the torch twin's run (bit-identical curves expected).
+4. Equal step budgets per task (``tasks.CONFIG``); every run is cached as JSON under
+   ``<out>/runs/<task>/<optimizer>/``: a crashed or interrupted suite continues where it stopped.
+5. Two runs at a time (``--jobs 2``), each with ``torch.set_num_threads(1)``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+MAX_EXTENSIONS = 2      # grid extensions per side
+
+
+# --------------------------------------------------------------------------- one run
+_TASK_CACHE = {}
+
+
+def _get_task(name, quick):
+    from benchmarks.tasks import TASKS
+    key = (name, quick)
+    if key not in _TASK_CACHE:
+        _TASK_CACHE[key] = TASKS[name](quick=quick)   # builds data (mnist1d reseeds globals here)
+    return _TASK_CACHE[key]
+
+
+def run_path(out: Path, job: dict) -> Path:
+    aux = f"_aux{job['aux_lr']:.3g}" if job.get("aux_lr") is not None else ""
+    return out / "runs" / job["task"] / job["optimizer"] / f"lr{job['lr']:.3g}{aux}_seed{job['seed']}.json"
+
+
+def run_job(job: dict) -> dict:
+    """Train one (task, optimizer, lr, seed) and cache the record (atomic write)."""
+    import torch
+    torch.set_num_threads(1)
+    from benchmarks import optimizers as O
+    from benchmarks.tasks import continual_metrics, grad_stable_rank, train
+    out = Path(job["out"])
+    path = run_path(out, job)
+    if path.is_file():
+        return json.loads(path.read_text())
+    task = _get_task(job["task"], job["quick"])
+    seed = job["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = task.build(seed)
+    t0 = time.perf_counter()
+    rec = dict(job)
+    rec.pop("out", None)
+    try:
+        opt = O.build(job["optimizer"], model, job["lr"], aux_lr=job.get("aux_lr"), seed=seed,
+                      mf_periods=task.mf_periods)
+        rec.update(train(task, model, opt, seed))
+        rec["error"] = None
+    except Exception as e:   # a crashing optimizer is a result, not a crashed suite
+        rec.update(curve=None, diverged=True, steps_done=0, step_time=None, train_time=0.0,
+                   error=f"{type(e).__name__}: {e}")
+    rec["wall"] = time.perf_counter() - t0
+    if task.kind == "continual" and rec.get("acc_matrix"):
+        rec["continual"] = {s: continual_metrics(R) for s, R in rec["acc_matrix"].items()}
+    if job["optimizer"] == "delta" and seed == 0:
+        torch.manual_seed(seed)
+        rec["grad_stable_rank"] = grad_stable_rank(task, task.build(seed), seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(rec, allow_nan=True))
+    os.replace(tmp, path)
+    return rec
+
+
+def _init_worker():
+    import torch
+    torch.set_num_threads(1)
+
+
+def run_jobs(jobs, out: Path, n_jobs: int, quick: bool, log=print):
+    """Run the jobs not cached yet, ``n_jobs`` at a time; return all records."""
+    for j in jobs:
+        j["out"], j["quick"] = str(out), quick
+    todo = [j for j in jobs if not run_path(out, j).is_file()]
+    cost = {"shakespeare_char": 5, "mnist1d_cnn": 3, "continual_pmnist1d": 2}
+    todo.sort(key=lambda j: -cost.get(j["task"], 1))     # longest first: better packing
+    if todo:
+        log(f"  {len(todo)} runs to do ({len(jobs) - len(todo)} cached)")
+        if n_jobs <= 1:
+            for i, j in enumerate(todo):
+                r = run_job(j)
+                _log_run(log, i, len(todo), r)
+        else:
+            fork = sys.platform.startswith("linux")
+            if fork:   # build the data once here; the forked workers inherit it
+                for name in {j["task"] for j in todo}:
+                    _get_task(name, quick)
+            ctx = mp.get_context("fork" if fork else "spawn")
+            with ctx.Pool(n_jobs, initializer=_init_worker) as pool:
+                for i, r in enumerate(pool.imap_unordered(run_job, todo)):
+                    _log_run(log, i, len(todo), r)
+    return [json.loads(run_path(out, j).read_text()) for j in jobs]
+
+
+def _log_run(log, i, n, r):
+    fin = final_value(r, "val")
+    log(f"  [{i + 1}/{n}] {r['task']:<19} {r['optimizer']:<11} lr={r['lr']:<9.3g} seed={r['seed']} "
+        f"val={fin:.4g} {'DIVERGED ' if r.get('diverged') else ''}{r.get('error') or ''}({r['wall']:.1f}s)")
+
+
+# --------------------------------------------------------------------------- selection
+def final_value(rec: dict, split: str = "val") -> float:
+    """Selection/report scalar of a run (lower is better): final loss, or minus the average final
+    accuracy for the continual task; +inf for a diverged or failed run."""
+    if rec.get("diverged") or rec.get("curve") is None:
+        return math.inf
+    if rec.get("continual"):
+        return -rec["continual"][split]["avg_acc"]
+    v = rec["curve"][f"{split}_loss"][-1]
+    return v if math.isfinite(v) else math.inf
+
+
+def best_lr(recs: list[dict]) -> float:
+    return min(recs, key=lambda r: (final_value(r, "val"), r["lr"]))["lr"]
+
+
+def sweep(pairs, out, n_jobs, quick, aux, log):
+    """LR sweeps (seed 0) with edge extension over (task, optimizer) ``pairs``;
+    returns {(task, opt): {lr: record}}."""
+    from benchmarks import optimizers as O
+    grids = {(t, o): O.grid_for(t, o, quick) for t, o in pairs}
+    ext = {k: [0, 0] for k in grids}
+    results = {k: {} for k in grids}
+    while True:
+        jobs = []
+        for (t, o), g in grids.items():
+            for lr in g:
+                if lr not in results[(t, o)]:
+                    jobs.append(dict(task=t, optimizer=o, lr=lr, seed=0, aux_lr=aux.get(t) if
+                                     O.OPTIMIZERS[o].get("aux") else None))
+        if not jobs:
+            return results
+        for r in run_jobs(jobs, out, n_jobs, quick, log):
+            results[(r["task"], r["optimizer"])][r["lr"]] = r
+        for (t, o), g in grids.items():
+            recs = results[(t, o)]
+            b = best_lr(list(recs.values()))
+            if all(math.isinf(final_value(r)) for r in recs.values()):
+                b = g[0]          # everything diverged: look lower
+            step = g[1] / g[0] if len(g) > 1 else math.sqrt(10)
+            if b == g[0] and ext[(t, o)][0] < MAX_EXTENSIONS and not quick:
+                g.insert(0, float(f"{g[0] / step:.3g}"))
+                ext[(t, o)][0] += 1
+            elif b == g[-1] and ext[(t, o)][1] < MAX_EXTENSIONS and not quick:
+                g.append(float(f"{g[-1] * step:.3g}"))
+                ext[(t, o)][1] += 1
+
+
+# --------------------------------------------------------------------------- aggregation
+def _mean_std(xs):
+    xs = np.asarray(xs, dtype=float)
+    if len(xs) == 0:
+        return None, None
+    if not np.all(np.isfinite(xs)):
+        return float("inf"), None
+    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def _stack(recs, key):
+    """(steps, array seeds x evals) of a curve key; diverged runs padded with +inf."""
+    curves = [r["curve"] for r in recs if r.get("curve")]
+    if not curves:
+        return [], np.zeros((0, 0))
+    steps = max((c["step"] for c in curves), key=len)
+    arr = np.full((len(recs), len(steps)), np.inf)
+    for i, r in enumerate(recs):
+        c = r.get("curve")
+        if c and key in c:
+            v = np.asarray(c[key], dtype=float)
+            arr[i, :len(v)] = v
+            if not r.get("diverged"):
+                arr[i, len(v):] = v[-1] if len(v) else np.inf
+    return steps, arr
+
+
+def aggregate(task, opt, sweep_recs, seed_recs) -> dict:
+    """One (task, optimizer) entry of results.json."""
+    with np.errstate(invalid="ignore"):
+        return _aggregate(task, opt, sweep_recs, seed_recs)
+
+
+def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
+    steps, loss = _stack(seed_recs, "test_loss")
+    _, times = _stack(seed_recs, "time")
+    entry = {
+        "sweep": {f"{lr:.3g}": final_value(r, "val") for lr, r in sorted(sweep_recs.items())},
+        "best_lr": seed_recs[0]["lr"],
+        "seeds": [r["seed"] for r in seed_recs],
+        "diverged_seeds": int(sum(bool(r.get("diverged")) for r in seed_recs)),
+        "errors": sorted({r["error"] for r in seed_recs if r.get("error")}),
+        "final_test_loss": [float(loss[i, -1]) for i in range(len(seed_recs))] if loss.size else [],
+        "step_time_ms": float(np.median([r["step_time"] for r in seed_recs if r.get("step_time")]) * 1e3)
+        if any(r.get("step_time") for r in seed_recs) else None,
+        "wall_s": float(sum(r["wall"] for r in seed_recs)),
+        "curve": {"step": steps,
+                  "test_loss_mean": np.mean(loss, 0).tolist() if loss.size else [],
+                  "test_loss_std": (np.std(loss, 0, ddof=1) if len(loss) > 1 else np.zeros(loss.shape[1])).tolist()
+                  if loss.size else [],
+                  "time_mean": np.mean(np.where(np.isfinite(times), times, np.nan), 0).tolist() if times.size else []},
+    }
+    entry["test_loss_mean"], entry["test_loss_std"] = _mean_std(entry["final_test_loss"])
+    if task.kind != "loss":
+        acc = [r["curve"]["test_acc"][-1] if r.get("curve") and not r.get("diverged") else float("nan")
+               for r in seed_recs]
+        entry["final_test_acc"] = acc
+        entry["test_acc_mean"], entry["test_acc_std"] = _mean_std(acc)
+    if task.kind == "continual":
+        cm = [r.get("continual", {}).get("test") for r in seed_recs]
+        ok = [c for c in cm if c]
+        entry["avg_acc"] = [c["avg_acc"] for c in ok]
+        entry["forgetting"] = [c["forgetting"] for c in ok]
+        entry["avg_acc_mean"], entry["avg_acc_std"] = _mean_std(entry["avg_acc"])
+        entry["forgetting_mean"], entry["forgetting_std"] = _mean_std(entry["forgetting"])
+        ms = [r["acc_matrix"]["test"] for r in seed_recs if r.get("acc_matrix") and
+              len(r["acc_matrix"]["test"]) == task.n_tasks]
+        entry["acc_matrix_mean"] = np.mean(ms, 0).tolist() if ms else None
+    if "grad_stable_rank" in sweep_recs.get(entry["best_lr"], {}):
+        entry["grad_stable_rank"] = sweep_recs[entry["best_lr"]]["grad_stable_rank"]
+    return entry
+
+
+def add_targets(task_res: dict):
+    """Target = AdamW's mean final test loss; steps/time to reach it on the seed-mean curve."""
+    if "adamw" not in task_res or task_res["adamw"].get("test_loss_mean") is None:
+        return None
+    target = task_res["adamw"]["test_loss_mean"]
+    if not math.isfinite(target):
+        return None
+    for e in task_res.values():
+        c = e["curve"]
+        hit = [i for i, v in enumerate(c["test_loss_mean"]) if v <= target]
+        e["steps_to_target"] = c["step"][hit[0]] if hit else None
+        e["time_to_target_s"] = c["time_mean"][hit[0]] if hit and c["time_mean"] else None
+    return target
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    from benchmarks.optimizers import OPTIMIZERS
+    from benchmarks.tasks import TASKS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                   help=f"comma list of {', '.join(OPTIMIZERS)} (adamw is always added: it sets the target)")
+    p.add_argument("--seeds", default=None, help="number of seeds (3; 2 with --quick) or a comma list")
+    p.add_argument("--quick", action="store_true", help="tiny budgets and 3-point grids (smoke test)")
+    p.add_argument("--out", default=None, help=f"output dir (default {DEFAULT_OUT}; --quick: <that>/quick)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2, one thread each)")
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    a.tasks = [t for t in a.tasks.split(",") if t]
+    a.optimizers = [o for o in a.optimizers.split(",") if o]
+    for t in a.tasks:
+        if t not in TASKS:
+            p.error(f"unknown task {t!r}")
+    for o in a.optimizers:
+        if o not in OPTIMIZERS:
+            p.error(f"unknown optimizer {o!r}")
+    if "adamw" not in a.optimizers:
+        a.optimizers.insert(0, "adamw")
+    if a.seeds is None:
+        a.seeds = list(range(2 if a.quick else 3))
+    elif "," in a.seeds:
+        a.seeds = [int(s) for s in a.seeds.split(",")]
+    else:
+        a.seeds = list(range(int(a.seeds)))
+    if 0 not in a.seeds:
+        a.seeds.insert(0, 0)
+    a.out = Path(a.out) if a.out else (DEFAULT_OUT / "quick" if a.quick else DEFAULT_OUT)
+    return a
+
+
+def machine() -> str:
+    import torch
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+            f"{torch.__version__}, Python {platform.python_version()}")
+
+
+def main(argv=None):
+    import torch
+    torch.set_num_threads(1)
+    from benchmarks import optimizers as O
+    from benchmarks.tasks import CONFIG, TASKS
+    a = parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log = lambda *s: print(*s, flush=True)   # noqa: E731
+    tasks = {t: TASKS[t] for t in a.tasks}
+    swept = [o for o in a.optimizers if O.OPTIMIZERS[o]["grid"] is not None]
+    first = [o for o in swept if not O.OPTIMIZERS[o].get("aux")]
+    second = [o for o in swept if O.OPTIMIZERS[o].get("aux")]
+    if not hasattr(torch.optim, "Muon") and "muon" in second:
+        log("torch.optim.Muon is missing in this torch: skipping 'muon'")
+        second.remove("muon")
+
+    def pairs(opts):
+        return [(t, o) for t in a.tasks for o in opts if O.applicable(tasks[t], o)]
+
+    log(f"== sweep 1/2: {', '.join(first)}")
+    sw = sweep(pairs(first), a.out, a.jobs, a.quick, {}, log)
+    aux = {t: best_lr(list(sw[(t, "adamw")].values())) for t in a.tasks}
+    if second:
+        log(f"== sweep 2/2: {', '.join(second)} (AdamW's best LR for their non-matrix params: {aux})")
+        sw.update(sweep(pairs(second), a.out, a.jobs, a.quick, aux, log))
+    best = {k: best_lr(list(v.values())) for k, v in sw.items()}
+
+    log(f"== seeds {a.seeds} at the best LRs, and AssociativeMomentum confirming runs")
+    jobs = []
+    for (t, o), lr in best.items():
+        x = aux[t] if O.OPTIMIZERS[o].get("aux") else None
+        jobs += [dict(task=t, optimizer=o, lr=lr, seed=s, aux_lr=x) for s in a.seeds]
+    confirm = [(t, o, O.OPTIMIZERS[o]["twin"]) for t in a.tasks for o in a.optimizers
+               if O.OPTIMIZERS[o].get("twin") and (t, O.OPTIMIZERS[o]["twin"]) in best]
+    jobs += [dict(task=t, optimizer=o, lr=best[(t, twin)], seed=0, aux_lr=None) for t, o, twin in confirm]
+    recs = run_jobs(jobs, a.out, a.jobs, a.quick, log)
+    by = {}
+    for r in recs:
+        by.setdefault((r["task"], r["optimizer"]), {})[r["seed"]] = r
+
+    results = {"meta": {
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(), "date": datetime.date.today().isoformat(), "quick": a.quick,
+        "seeds": a.seeds, "jobs": a.jobs, "threads_per_run": 1,
+        "budgets": {t: CONFIG["quick" if a.quick else "full"][t] for t in a.tasks},
+    }, "tasks": {}}
+    for t in a.tasks:
+        task = _get_task(t, a.quick)
+        tr = {}
+        for o in a.optimizers:
+            if (t, o) in best:
+                tr[o] = aggregate(task, o, sw[(t, o)], [by[(t, o)][s] for s in a.seeds])
+        for o, twin in [(c[1], c[2]) for c in confirm if c[0] == t]:
+            r, ref = by[(t, o)][0], by[(t, twin)][0]
+            same = (r.get("curve") is not None and ref.get("curve") is not None and
+                    all(r["curve"][k] == ref["curve"][k] for k in ref["curve"] if k != "time"))
+            diffs = [abs(u - v) for k in ("val_loss", "test_loss") if r.get("curve") and ref.get("curve")
+                     for u, v in zip(r["curve"][k], ref["curve"][k])]
+            tr[o] = {"confirming_run": True, "twin": twin, "lr": r["lr"], "identical_to_twin": bool(same),
+                     "max_abs_diff": max(diffs) if diffs else None,
+                     "final_test_loss": r["curve"]["test_loss"][-1] if r.get("curve") else None,
+                     "twin_final_test_loss": ref["curve"]["test_loss"][-1] if ref.get("curve") else None,
+                     "step_time_ms": r["step_time"] * 1e3 if r.get("step_time") else None,
+                     "wall_s": r["wall"]}
+        target = add_targets({k: v for k, v in tr.items() if not v.get("confirming_run")})
+        uniq = {(r["optimizer"], r["lr"], r.get("aux_lr"), r["seed"]): r["wall"]
+                for r in [*(r for (tt, _), v in sw.items() if tt == t for r in v.values()),
+                          *(r for r in recs if r["task"] == t)]}
+        runs_wall = sum(uniq.values())
+        results["tasks"][t] = {"description": task.describe(), "kind": task.kind,
+                               "steps": task.steps, "eval_every": task.eval_every,
+                               "target_test_loss": target, "mf_periods": task.mf_periods,
+                               "runs_wall_s": runs_wall, "optimizers": tr,
+                               "not_applicable": [o for o in a.optimizers if not O.applicable(tasks[t], o)]}
+    results["meta"]["total_wall_s"] = time.perf_counter() - t_start
+    cached_total = sum(v["runs_wall_s"] for v in results["tasks"].values())
+    results["meta"]["sum_of_run_walls_s"] = cached_total
+    (a.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
+    from benchmarks import report
+    report.write_report(results, a.out, plots=not a.no_plots)
+    log(f"== done in {results['meta']['total_wall_s']:.0f}s (sum of run walls {cached_total:.0f}s): "
+        f"{a.out / 'results.json'}, {a.out / 'results.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

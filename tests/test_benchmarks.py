@@ -1,0 +1,129 @@
+"""The benchmark suite: `python -m benchmarks.run --quick` end to end (< 3 min on 2 cores),
+the structure and sanity of its outputs, and resuming from the run cache."""
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("mnist1d")
+pytest.importorskip("matplotlib")
+
+
+def _shakespeare_cached():
+    try:
+        from examples.data import fetch_shakespeare
+        fetch_shakespeare(download=False)
+        return True
+    except Exception:
+        return False
+
+
+def test_continual_metrics():
+    from benchmarks.tasks import continual_metrics
+    R = [[0.9, 0.1, 0.1], [0.5, 0.8, 0.1], [0.6, 0.4, 0.7]]
+    m = continual_metrics(R)
+    assert m["avg_acc"] == pytest.approx((0.6 + 0.4 + 0.7) / 3)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.8 - 0.4)) / 2)
+
+
+def test_grids_and_factory():
+    import torch
+    from benchmarks import optimizers as O
+    from benchmarks.tasks import MLP
+    for t in ("mnist1d_mlp", "rosenbrock", "noisy_quadratic"):
+        for o, spec in O.OPTIMIZERS.items():
+            g = O.grid_for(t, o)
+            if spec["grid"] is not None:
+                assert len(g) >= 5 and g == sorted(g) and all(x > 0 for x in g)
+    periods = {r"^fc1\.": 4, r"^fc2\.": 2}
+    for o in O.OPTIMIZERS:
+        if o == "muon" and not hasattr(torch.optim, "Muon"):
+            continue
+        m = MLP()
+        opt = O.build(o, m, 1e-3, aux_lr=1e-3, mf_periods=periods)
+        m(torch.randn(4, 40)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.skipif(not _shakespeare_cached(), reason="Shakespeare sdist not cached (no network in tests)")
+def test_quick_suite(tmp_path):
+    out = tmp_path / "bench"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=400)
+    wall = time.time() - t0
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert wall < 240, f"--quick took {wall:.0f}s"
+
+    res = json.loads((out / "results.json").read_text())
+    from benchmarks.optimizers import OPTIMIZERS
+    from benchmarks.tasks import TASKS
+    assert set(res["tasks"]) == set(TASKS)
+    assert res["meta"]["quick"] and res["meta"]["seeds"] == [0, 1]
+    for t, tr in res["tasks"].items():
+        opts = tr["optimizers"]
+        assert set(opts) | set(tr["not_applicable"]) == set(OPTIMIZERS), t
+        assert math.isfinite(tr["runs_wall_s"]) and tr["runs_wall_s"] > 0
+        ad = opts["adamw"]
+        assert math.isfinite(ad["test_loss_mean"]) and ad["test_loss_mean"] >= 0
+        assert ad["steps_to_target"] is not None and ad["steps_to_target"] <= tr["steps"]
+        for o, e in opts.items():
+            if e.get("confirming_run"):
+                # AssociativeMomentum is SGD / AdamW by construction: identical curves
+                assert e["identical_to_twin"], (t, o)
+                continue
+            assert len(e["sweep"]) >= 3 and float(f"{e['best_lr']:.3g}") in {float(k) for k in e["sweep"]}
+            assert e["seeds"] == [0, 1] and len(e["final_test_loss"]) == 2
+            assert e["step_time_ms"] is None or e["step_time_ms"] > 0
+            if not e["diverged_seeds"]:
+                assert math.isfinite(e["test_loss_mean"]) and e["test_loss_std"] >= 0
+                assert len(e["curve"]["step"]) == len(e["curve"]["test_loss_mean"]) >= 2
+                assert e["curve"]["step"][-1] == tr["steps"]
+            if tr["kind"] != "loss" and not e["diverged_seeds"]:
+                assert 0.0 <= e["test_acc_mean"] <= 1.0
+            if tr["kind"] == "continual" and not e["diverged_seeds"]:
+                assert 0.0 <= e["avg_acc_mean"] <= 1.0
+                assert 0.0 <= e["forgetting_mean"] <= 1.0
+                R = e["acc_matrix_mean"]
+                assert len(R) == len(R[0]) == 5
+        if tr["kind"] == "classification":   # sanity: AdamW learns something (10 classes)
+            assert ad["test_acc_mean"] > 0.15
+    assert res["tasks"]["rosenbrock"]["optimizers"]["adamw"]["curve"]["test_loss_mean"][-1] < \
+        res["tasks"]["rosenbrock"]["optimizers"]["adamw"]["curve"]["test_loss_mean"][0]
+
+    md = (out / "results.md").read_text()
+    for t in TASKS:
+        assert f"### {t}" in md
+    assert "| optimizer | best lr |" in md and "vs AdamW" in md and "forgetting" in md
+    from benchmarks.report import PLOTS
+    for png in PLOTS:
+        f = out / png
+        assert f.is_file() and f.stat().st_size > 10_000 and f.read_bytes()[:4] == b"\x89PNG"
+
+    # resumable: every run is cached, a second invocation trains nothing and agrees
+    n_runs = len(list((out / "runs").rglob("*.json")))
+    assert n_runs > 100
+    p2 = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--no-plots"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert "runs to do" not in p2.stdout
+    res2 = json.loads((out / "results.json").read_text())
+    for t in res["tasks"]:
+        for o, e in res["tasks"][t]["optimizers"].items():
+            e2 = res2["tasks"][t]["optimizers"][o]
+            assert e.get("final_test_loss") == e2.get("final_test_loss")
+
+    # a crashed sweep continues: delete some runs, only those are redone
+    victims = sorted((out / "runs" / "mnist1d_mlp").rglob("*.json"))[:3]
+    for v in victims:
+        v.unlink()
+    p3 = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--no-plots",
+                         "--tasks", "mnist1d_mlp"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "3 runs to do" in p3.stdout
