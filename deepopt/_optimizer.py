@@ -83,9 +83,14 @@ def foreach_scale_(tensors: list[Tensor], factor) -> None:
     torch._foreach_mul_(tensors, factor)
 
 
+def matrix_shape(t: Tensor) -> tuple[int, int]:
+    """(rows, cols) of the matrix view: 2-D as is, conv weights as (out, in*kh*kw)."""
+    return t.shape[0], math.prod(t.shape[1:])
+
+
 def as_matrix(t: Tensor) -> Tensor:
-    """The matrix view used by the matrix rules: 2-D as is, conv weights as (out, in*kh*kw)."""
-    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+    """The matrix view used by the matrix rules (a view where the layout allows)."""
+    return t if t.ndim == 2 else t.reshape(matrix_shape(t))
 
 
 def _is_dtensor(t: Any) -> bool:

@@ -5,16 +5,19 @@ matrix-valued memory with a deep one, trained by its own inner objective. deepop
 (the paper leaves the MLP, keys and inner rates open) is:
 
 .. math::
-    m(K) = M + f(K), \qquad f(K) = \mathrm{silu}(K A^\top) B^\top, \qquad
-    K = \text{rows of } G \text{ over their L2 norm}
+    m(K) = M + s\, f(K), \qquad f(K) = \mathrm{silu}(K A^\top) B^\top, \qquad
+    K = \text{rows of } G \text{ over their L2 norm}, \qquad s = \text{rms row norm of } G
 
 * ``M`` (param shape) takes the momentum write ``M <- a M + (1 - d) G`` (zero-initialised);
 * the MLP ``(A: h x d, B: d x h)`` takes one simultaneous closed-form gradient step with rate
   ``memory_lr`` on the row-mean inner objective, then ``A, B *= 1 - memory_lr * memory_decay``:
-  ``"dot"``: ``-mean_i <m(k_i), g_i>`` (momentum's objective); ``"l2"``:
-  ``1/2 mean_i ||m(k_i) - g_i||^2`` (delta-rule form, with ``M`` after its write);
-* the parameter reads the memory after its write: ``W <- W - lr * s(readout(M) + f(K))`` with
-  ``s`` the identity or Newton-Schulz (``output="newton_schulz"``: Eq. 52, which with a
+  ``"dot"``: ``-mean_i <f(k_i), g_i / s>`` (momentum's objective); ``"l2"``:
+  ``1/2 mean_i ||(M_i + s f(k_i) - g_i) / s||^2`` (delta-rule form, with ``M`` after its write).
+  The MLP works in units of ``s``, so ``A`` and ``B`` are dimensionless: the inner step means
+  the same at any gradient scale. (With raw ``G`` as target, ``dA`` grows like ``|G|^2``; that
+  form diverged within 200 steps at gradient entries of size 1e3.)
+* the parameter reads the memory after its write: ``W <- W - lr * sigma(readout(M) + s f(K))``
+  with ``sigma`` the identity or Newton-Schulz (``output="newton_schulz"``: Eq. 52, which with a
   linear memory is Muon).
 
 ``A ~ N(0, 1/d)`` from a generator seeded by ``(seed, index of the param)`` (never the global
@@ -32,7 +35,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, foreach_scale_, as_matrix, check_choice, check_range, resolve_state_dtype
+from ._optimizer import DeepOptimizer, matrix_shape, foreach_scale_, as_matrix, check_choice, check_range, resolve_state_dtype
 
 __all__ = ["DeepMomentum"]
 
@@ -46,9 +49,12 @@ def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_l
     mlp_in, mlp_out = state["mlp_in"], state["mlp_out"]
     g_matrix = as_matrix(g).to(mlp_in.dtype)
     keys = Fn.row_keys(g_matrix, key_norm=key_norm, eps=eps)
-    Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix, buf.view(buf.shape[0], -1), objective=objective,
-                        memory_lr=memory_lr, memory_decay=memory_decay)
-    u = u.add(Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape))
+    # the MLP works in units of the gradient's rms row norm s: targets G/s (and M/s), read-out s f(K)
+    scale = g_matrix.square().sum(-1).mean().sqrt()
+    unit = 1 / (scale + eps)
+    Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, buf.view(matrix_shape(buf)) * unit,
+                        objective=objective, memory_lr=memory_lr, memory_decay=memory_decay)
+    u = u.add(Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape), alpha=scale)
     if output == "newton_schulz":
         u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
     return u, Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape)
@@ -111,8 +117,9 @@ class DeepMomentum(DeepOptimizer):
     .. math::
         M &\leftarrow a M + (1-d) G, \qquad K = \mathrm{rownorm}(G), \qquad
         f(K) = \mathrm{silu}(K A^\top) B^\top \\
-        (A, B) &\leftarrow (1 - \eta_m \lambda_m)\big((A, B) - \eta_m \nabla_{A,B}\, \tilde L(M + f; K, G)\big) \\
-        W &\leftarrow W - \text{lr}\; s\big(\text{readout}(M) + f(K)\big)
+        (A, B) &\leftarrow (1 - \eta_m \lambda_m)\big((A, B) - \eta_m \nabla_{A,B}\,
+            \tilde L(M/\rho + f; K, G/\rho)\big), \qquad \rho = \text{rms row norm of } G \\
+        W &\leftarrow W - \text{lr}\; \sigma\big(\text{readout}(M) + \rho f(K)\big)
 
     See the module docstring for the definition and the exact reductions to SGD and Muon.
 
@@ -123,10 +130,8 @@ class DeepMomentum(DeepOptimizer):
             ``M.lerp_(G, 1 - a)``; Nesterov needs ``dampening`` 0 or ``momentum``.
         hidden: MLP width ``h`` >= 1.
         memory_lr: inner rate ``eta_m`` >= 0 (0 freezes the MLP). The inner step is plain
-            gradient descent on a 2-layer MLP: too large a rate diverges (the weights grow and so
-            does the curvature), and since the keys are normalised the MLP's output does not
-            shrink with the gradient. The default 0.01 is stable on every task we ran; 0.05 with
-            ``lr=0.05`` diverged on a small MLP regression (tests/test_training.py setting).
+            gradient descent on a 2-layer MLP (in gradient units, so scale-free): a very large
+            rate can still oscillate; the default 0.01 was stable on every task we ran.
         memory_decay: inner weight decay ``lambda_m`` >= 0 (``memory_lr * memory_decay <= 1``).
         objective: ``"dot"`` or ``"l2"`` inner objective.
         output: ``"identity"`` or ``"newton_schulz"`` (params with ndim >= 2).

@@ -23,7 +23,7 @@ from __future__ import annotations
 from functools import partial
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, as_matrix, check_choice, check_range
+from ._optimizer import DeepOptimizer, matrix_shape, as_matrix, check_choice, check_range
 from .associative_momentum import _multi_tensor_momentum, _single_tensor_momentum
 
 __all__ = ["DeltaMomentum"]
@@ -32,7 +32,7 @@ __all__ = ["DeltaMomentum"]
 def _delta_write_(buf, g, *, momentum, dampening, delta, keys, eps):
     """One param's delta-rule write; matrices (ndim >= 2) are seen as (rows, cols)."""
     if keys == "matrix" and buf.ndim >= 2:
-        Fn.delta_momentum_write_(buf.view(buf.shape[0], -1), as_matrix(g), momentum, dampening, delta,
+        Fn.delta_momentum_write_(buf.view(matrix_shape(buf)), as_matrix(g), momentum, dampening, delta,
                                  keys="matrix", eps=eps)
     else:
         Fn.delta_momentum_write_(buf, g, momentum, dampening, delta, keys="elementwise", eps=eps)

@@ -309,6 +309,8 @@ def adjust_lr(lr, mode: str | None, shape) -> float:
     ``"original"``: ``lr * sqrt(max(1, rows/cols))``; ``"match_rms_adamw"``:
     ``lr * 0.2 * sqrt(max(rows, cols))``."""
     rows, cols = shape[0], shape[1]
+    if rows == 0 or cols == 0:   # an empty matrix has no update to scale
+        return lr
     if mode == "original":
         return lr * math.sqrt(max(1, rows / cols))
     if mode == "match_rms_adamw":
