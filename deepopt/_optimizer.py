@@ -148,6 +148,15 @@ class DeepOptimizer(Optimizer):
             return
         if group.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot both be True")
+        if group["fused"] == "cuda":   # the optional CUDA C++ extension (deepopt/_cuda_ext.py)
+            from . import _cuda_ext
+            if not getattr(self, "_supports_cuda_ext", False):
+                raise RuntimeError(f"fused='cuda': the CUDA C++ kernels cover AssociativeMomentum only; "
+                                   f"use fused=True (Triton) for deepopt.{type(self).__name__}")
+            reason = _cuda_ext.unavailable_reason(group["params"])
+            if reason is not None:
+                raise RuntimeError(f"fused='cuda': {reason}")
+            return
         reason = "params are DTensors (FSDP2); use foreach" if any(_is_dtensor(p) for p in group["params"]) \
             else _triton.unavailable_reason(group["params"])
         if reason is not None:

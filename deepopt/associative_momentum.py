@@ -166,6 +166,7 @@ class AssociativeMomentum(DeepOptimizer):
     """
 
     _supports_complex = True
+    _supports_cuda_ext = True   # fused="cuda": deepopt/csrc (fp32 state, real params)
 
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=None, weight_decay=0.0,
                  nesterov=False, *, preconditioner=None, beta2=0.999, eps=1e-8,
@@ -211,6 +212,15 @@ class AssociativeMomentum(DeepOptimizer):
     def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
         common = dict(lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                       decoupled_weight_decay=group["decoupled_weight_decay"])
+        if fused and group["fused"] == "cuda":   # the optional CUDA C++ extension (deepopt/_cuda_ext.py)
+            from . import _cuda_ext
+            if group["preconditioner"] == "adam":
+                _cuda_ext.adam_(params, grads, states, beta1=group["momentum"], beta2=group["beta2"],
+                                eps=group["eps"], amp=amp, **common)
+            else:
+                _cuda_ext.sgd_(params, grads, states, momentum=group["momentum"], dampening=group["dampening"] or 0.0,
+                               nesterov=group["nesterov"], amp=amp, **common)
+            return
         if fused:   # Triton multi-tensor kernels (deepopt/_triton.py)
             from . import _triton
             state_dtype_of = lambda p: resolve_state_dtype(group["state_dtype"], p)  # noqa: E731

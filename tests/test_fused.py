@@ -298,3 +298,30 @@ def test_import_does_not_import_triton():
     import sys
     code = "import sys, deepopt; assert 'triton' not in sys.modules, 'triton imported at import deepopt'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+# ----------------------------------------------------------------------------- CUDA C++ extension
+def test_cuda_ext_refuses_clearly_without_gpu_or_toolchain():
+    from deepopt import _cuda_ext
+    reason = _cuda_ext.unavailable_reason([torch.zeros(2)])
+    assert reason is not None and "CUDA" in reason
+    if not CUDA:
+        with pytest.raises(RuntimeError, match="fused='cuda'"):
+            deepopt.AssociativeMomentum(_params([(2,)]), fused="cuda")
+    with pytest.raises(RuntimeError, match="AssociativeMomentum only"):
+        deepopt.DeepMomentum(_params([(2,)]), fused="cuda")
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA extension needs a GPU and nvcc (awaiting a GPU session)")
+@pytest.mark.parametrize("pre", [None, "adam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ext_matches_forloop(pre, dtype):
+    from deepopt import _cuda_ext
+    reason = _cuda_ext.unavailable_reason([torch.zeros(1, device="cuda")])
+    if reason is not None:
+        pytest.skip(reason)
+    shapes = [(3,), (), (0,), (4099,), (17, 5), (1000, 33)]
+    ref, fus, oa, ob = _run(lambda ps, fused, **f: deepopt.AssociativeMomentum(
+        ps, lr=0.01, momentum=0.9, preconditioner=pre, weight_decay=0.1, decoupled_weight_decay=True,
+        fused="cuda" if fused else False, **f), shapes, dtype=dtype)
+    _close(ref, fus, tol=FP32 if dtype == torch.float32 else BF16)
