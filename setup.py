@@ -24,7 +24,8 @@ setup(
     package_data={"deepopt": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "tqdm", "matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6", "tqdm", "matplotlib", "mnist1d",
+                 "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "triton": ["triton>=3.6"],
         "examples": ["tqdm", "matplotlib", "mnist1d"],
     },

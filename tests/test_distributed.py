@@ -58,3 +58,24 @@ def test_dcp_checkpoint_from_two_ranks_resumes_on_one(engines_ran, out_dir, name
     resumed = W.resume_single_process(name, str(out_dir))
     for a, b in zip(sharded_run, resumed):
         torch.testing.assert_close(a, b, **tolerance(name))
+
+
+def _torchrun(*args):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(root, "examples", "ddp_train.py"), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return [line for line in done.stdout.splitlines() if line.startswith("step")]
+
+
+def test_ddp_example_resumes_from_its_dcp_checkpoint(tmp_path):
+    args = ["--engine", "fsdp2", "--optimizer", "deep", "--steps", "30"]
+    whole = _torchrun(*args)
+    _torchrun(*args, "--ckpt", str(tmp_path / "ckpt"), "--stop-after", "12")
+    resumed = _torchrun(*args, "--ckpt", str(tmp_path / "ckpt"))
+    assert resumed[-1] == whole[-1], (whole, resumed)
