@@ -71,18 +71,6 @@ def _check_state_dtype(state_dtype: Any) -> None:
         raise ValueError(f"invalid state_dtype={state_dtype!r}: must be None, 'param' or a floating torch.dtype")
 
 
-def foreach_scale_(tensors: list[Tensor], factor) -> None:
-    """``t *= factor`` for a list of one device and dtype (decoupled weight decay).
-
-    torch's CPU foreach kernels round a Python scalar to the tensor dtype first (bf16: a decay
-    factor 0.998 becomes 0.996, twice the decay), unlike ``Tensor.mul_``; low-precision CPU lists
-    therefore take the factor as a 0-dim fp32 tensor, which matches ``mul_`` bit for bit.
-    """
-    if tensors[0].is_cpu and tensors[0].dtype in (torch.bfloat16, torch.float16) and not isinstance(factor, Tensor):
-        factor = torch.tensor(factor, dtype=torch.float32)
-    torch._foreach_mul_(tensors, factor)
-
-
 def matrix_shape(t: Tensor) -> tuple[int, int]:
     """(rows, cols) of the matrix view: 2-D as is, conv weights as (out, in*kh*kw)."""
     return t.shape[0], math.prod(t.shape[1:])

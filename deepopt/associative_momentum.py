@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, foreach_scale_, check_choice, check_range, resolve_state_dtype
+from ._optimizer import DeepOptimizer, check_choice, check_range, resolve_state_dtype
 
 __all__ = ["AssociativeMomentum"]
 
@@ -44,10 +44,8 @@ def _single_tensor_momentum(params, grads, states, *, lr, momentum, dampening, w
     """SGD-convention memory; ``write_(buf, g)`` replaces the momentum write (DeltaMomentum)."""
     lr = _to_scalar(lr)
     for p, grad, state in zip(params, grads, states):
-        g = Fn.preprocess_grad(grad, p, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-                               maximize=maximize)
-        if decoupled_weight_decay and weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
+        g = Fn.decay_and_preprocess(p, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
+                                    decoupled_weight_decay=decoupled_weight_decay)
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
@@ -66,13 +64,9 @@ def _multi_tensor_momentum(params, grads, states, *, lr, momentum, dampening, we
     bufs = [s.get("momentum_buffer") for s in states]
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs], with_indices=True)
     for (device_params, device_grads, device_bufs), indices in grouped.values():
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                foreach_scale_(device_params, 1 - lr * weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+        device_grads = Fn.decay_and_preprocess_foreach(
+            device_params, device_grads, lr=lr, weight_decay=weight_decay, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay)
         if momentum != 0:
             if write_ is None and all(b is not None for b in device_bufs):
                 torch._foreach_mul_(device_bufs, momentum)
@@ -99,10 +93,8 @@ def _single_tensor_adam(params, grads, states, *, lr, beta1, beta2, eps, weight_
                         decoupled_weight_decay):
     lr = _to_scalar(lr)
     for p, grad, state in zip(params, grads, states):
-        g = Fn.preprocess_grad(grad, p, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-                               maximize=maximize)
-        if decoupled_weight_decay and weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
+        g = Fn.decay_and_preprocess(p, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
+                                    decoupled_weight_decay=decoupled_weight_decay)
         p_r, g_r, m_r, s_r = _as_real([p, g, state["exp_avg"], state["exp_avg_sq"]])
         Fn.adam_update_(p_r, g_r, m_r, s_r, state["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps)
 
@@ -118,13 +110,9 @@ def _multi_tensor_adam(params, grads, states, *, lr, beta1, beta2, eps, weight_d
     for (device_params, device_grads, exp_avgs, exp_avg_sqs, steps), _ in grouped.values():
         device_params, device_grads = _as_real(device_params), _as_real(device_grads)
         exp_avgs, exp_avg_sqs = _as_real(exp_avgs), _as_real(exp_avg_sqs)
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                foreach_scale_(device_params, 1 - lr * weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+        device_grads = Fn.decay_and_preprocess_foreach(
+            device_params, device_grads, lr=lr, weight_decay=weight_decay, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay)
         Fn.adam_update_foreach_(device_params, device_grads, exp_avgs, exp_avg_sqs, steps,
                                 lr=lr, beta1=beta1, beta2=beta2, eps=eps)
 

@@ -35,7 +35,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, matrix_shape, foreach_scale_, as_matrix, check_choice, check_range, resolve_state_dtype
+from ._optimizer import DeepOptimizer, matrix_shape, as_matrix, check_choice, check_range, resolve_state_dtype
 
 __all__ = ["DeepMomentum"]
 
@@ -65,10 +65,8 @@ def _single_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampeni
     lr = _to_scalar(lr)
     lerp = dampening == momentum
     for p, grad, state in zip(params, grads, states):
-        g = Fn.preprocess_grad(grad, p, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-                               maximize=maximize)
-        if decoupled_weight_decay and weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
+        g = Fn.decay_and_preprocess(p, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
+                                    decoupled_weight_decay=decoupled_weight_decay)
         state["step"] += 1
         buf = state["momentum_buffer"]
         Fn.momentum_write_(buf, g, momentum, dampening, lerp=lerp)
@@ -84,13 +82,9 @@ def _multi_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampenin
     lists = [params, grads, [s["momentum_buffer"] for s in states], [s["step"] for s in states]]
     grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
     for (device_params, device_grads, bufs, steps), indices in grouped.values():
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                foreach_scale_(device_params, 1 - lr * weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+        device_grads = Fn.decay_and_preprocess_foreach(
+            device_params, device_grads, lr=lr, weight_decay=weight_decay, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay)
         torch._foreach_add_(steps, 1)
         if lerp:
             torch._foreach_lerp_(bufs, device_grads, 1 - momentum)

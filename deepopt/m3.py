@@ -31,7 +31,7 @@ from torch import nn
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, foreach_scale_, as_matrix, check_choice, check_range
+from ._optimizer import DeepOptimizer, as_matrix, check_choice, check_range
 from .associative_momentum import _multi_tensor_adam, _single_tensor_adam
 
 __all__ = ["M3"]
@@ -88,7 +88,7 @@ def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_d
         torch._foreach_addcmul_(exp_avg_sqs, device_grads, device_grads, 1 - beta2)
         torch._foreach_add_(chunk_sums, device_grads)
         if weight_decay != 0:
-            foreach_scale_(device_params, 1 - lr * weight_decay)
+            Fn.foreach_scale_(device_params, 1 - lr * weight_decay)
         for i, (p, g) in enumerate(zip(device_params, device_grads)):
             _m3_update_(p, g, states[indices[i]], lr=lr, momentum=momentum, lerp=lerp, **rule)
 

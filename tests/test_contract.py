@@ -394,9 +394,12 @@ def test_bad_hyperparameters_raise_naming_the_parameter(cls, kwargs, name):
     assert len(opt.param_groups) == 1
 
 
-def test_fused_true_raises_clearly():
-    with pytest.raises(RuntimeError, match="fused"):
+def test_fused_true_raises_clearly_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # CPU tensors outside the interpreter
+    with pytest.raises(RuntimeError, match="fused=True.*CUDA tensors"):
         deepopt.DeepMomentum([torch.zeros(2, 2, requires_grad=True)], fused=True)
+    with pytest.raises(RuntimeError, match="cannot both be True"):
+        deepopt.AssociativeMomentum([torch.zeros(2, 2, requires_grad=True)], fused=True, foreach=True)
 
 
 def test_m3_rejects_vectors_and_points_to_matrix_groups():
