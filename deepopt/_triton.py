@@ -30,9 +30,11 @@ only under the interpreter (``TRITON_INTERPRET=1``, for tests).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import threading
 from typing import Any
 
 import torch
@@ -121,7 +123,8 @@ def _chunk_lists(sizes: tuple[int, ...], block: int) -> tuple[list[int], list[in
     return tensor_of, start_of
 
 
-_table_cache: dict[Any, Tensor] = {}
+_table_cache: dict[Any, Tensor] = {}   # a pure function of its key: safe to share across threads
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def _table(rows: list[list[int]], sizes: list[int], modes: list[int] | None, device, block):
@@ -190,8 +193,10 @@ def _launch(name: str, lists: list[list[Tensor | None]], args: tuple, consts: di
             extra.append(_floats(flat, device))
         if per_tensor is not None:
             extra.append(per_tensor[lo:hi])
-        kern[(nprog,)](ptrs, sz, md, chunks, hi - lo, n_chunks, nprog, *extra, *args,
-                       ITERS=iters, BLOCK=block, **consts)
+        # Triton's interpreter patches module-level state while it runs a kernel: one at a time
+        with _INTERPRETER_LOCK if device.type == "cpu" else contextlib.nullcontext():
+            kern[(nprog,)](ptrs, sz, md, chunks, hi - lo, n_chunks, nprog, *extra, *args,
+                           ITERS=iters, BLOCK=block, **consts)
 
 
 def _lr_args(lr, device):

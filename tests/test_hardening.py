@@ -133,3 +133,35 @@ def test_nonfinite_propagate_updates_every_param_alike():
     opt.step()
     assert torch.isnan(params[0]).all()
     assert torch.isfinite(params[1]).all() and not torch.equal(params[1], before[1])
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_optimizers_in_threads_match_sequential_runs(fused):
+    """Several optimizers stepping concurrently in threads (shared kernel and table caches) give
+    the results of sequential runs."""
+    import threading
+    if fused:
+        pytest.importorskip("triton.language")
+
+    def run(name, seed, out):
+        gen = torch.Generator().manual_seed(seed)
+        params = clone_params([torch.randn(33, 7, generator=gen), torch.randn(5, 33, generator=gen)])
+        opt = CONFIGS[name](params, fused=fused)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out[(name, seed)] = params
+
+    jobs = [(name, seed) for name in ("associative", "delta_elementwise", "deep") for seed in (0, 1)]
+    sequential, threaded = {}, {}
+    for name, seed in jobs:
+        run(name, seed, sequential)
+    threads = [threading.Thread(target=run, args=(name, seed, threaded)) for name, seed in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in jobs:
+        for a, b in zip(sequential[key], threaded[key]):
+            assert torch.equal(a, b), key
