@@ -83,10 +83,16 @@ def unavailable_reason(tensors) -> str | None:
     return None
 
 
+#: ``fused=None`` picks the Triton path for CUDA tensors only once the kernels have passed
+#: tests/test_fused.py on a GPU. They are verified under the CPU interpreter only so far, so the
+#: default stays foreach; ``fused=True`` opts in (set this to True to make it the default).
+AUTO_FUSED = False
+
+
 def auto_fused(tensors) -> bool:
-    """``fused=None``: the Triton path for CUDA tensors when Triton imports, else foreach."""
+    """``fused=None``: the Triton path for CUDA tensors when enabled and Triton imports, else foreach."""
     tensors = list(tensors)
-    return bool(tensors) and all(t.is_cuda for t in tensors) and _import_error() is None
+    return AUTO_FUSED and bool(tensors) and all(t.is_cuda for t in tensors) and _import_error() is None
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -267,8 +267,10 @@ def test_fused_true_on_cpu_without_interpreter_raises(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="auto-dispatch picks Triton only for CUDA tensors")
-def test_fused_none_picks_triton_on_cuda():
+def test_fused_none_picks_triton_on_cuda(monkeypatch):
     opt = deepopt.AssociativeMomentum(_params([(2,)]))
+    assert not opt._fused_group(opt.param_groups[0])    # off until verified on a GPU
+    monkeypatch.setattr(_triton, "AUTO_FUSED", True)
     assert opt._fused_group(opt.param_groups[0]) and opt._step_supports_amp_scaling
 
 
