@@ -204,3 +204,11 @@ def test_continual_script(tmp_path, monkeypatch):
         assert r["adapt_steps"] > 0 and "forgetting" in r and r["new_after_bpc"] > 0
     assert "new_stream" in res["models"]["hope"]
     assert (out / "continual.json").exists()
+
+
+def test_throughput_mode(tmp_path):
+    from examples.hope import train
+    res = train.main(["--preset", "tiny", "--data", str(_corpus(tmp_path)), "--out", str(tmp_path / "o"),
+                      "--throughput", "--optimizer", "adamw", "--device", "cpu"])
+    assert set(res["median_tokens_per_s"]) == {"hope", "transformer"}
+    assert (tmp_path / "o" / "throughput.json").exists()

@@ -232,6 +232,36 @@ def plot(log: dict, path: Path):
     plt.close(fig)
 
 
+def throughput(args, vocab_size, rounds=5, steps=10):
+    """Training tokens/s of HOPE and the Transformer measured in alternating rounds inside one
+    process, so both see the same machine load; returns the median over rounds."""
+    p = args.preset_values
+    bs, T = args.batch_size or p["batch_size"], p["block_size"]
+    cfgs = build_configs(args, vocab_size)
+    models = {k: build_model(c).to(args.device) for k, c in cfgs.items()}
+    opts = {k: make_optimizer(args.optimizer, m, args.lr or DEFAULT_LR[args.optimizer])
+            for k, m in models.items()}
+    x = torch.randint(vocab_size, (bs, T), device=args.device)
+    rates = {k: [] for k in models}
+    for r in range(rounds + 1):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                m(x, x)[1].backward()
+                opts[k].step()
+                opts[k].zero_grad(set_to_none=True)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            if r:                                   # round 0 is warm-up
+                rates[k].append(steps * bs * T / (time.perf_counter() - t0))
+    med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    print(f"tokens/s (median of {rounds} alternating rounds of {steps} steps): "
+          + ", ".join(f"{k} {v:,.0f}" for k, v in med.items())
+          + f"; HOPE / Transformer = {med['hope'] / med['transformer']:.2f}")
+    return {"median_tokens_per_s": med, "rounds": rates,
+            "ratio_hope_over_transformer": med["hope"] / med["transformer"]}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["hope", "transformer", "both"], default="both")
@@ -259,6 +289,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--throughput", action="store_true",
+                    help="only measure training tokens/s of both models (alternating rounds)")
     args = ap.parse_args(argv)
     args.preset_values = dict(PRESETS[args.preset])
     return args
@@ -273,6 +305,14 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(args)
     tok = corpus.tokenizer
+    if args.throughput:
+        res = throughput(args, tok.vocab_size)
+        res.update(command="python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   device=f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+                   if args.device == "cpu" else torch.cuda.get_device_name(), torch=torch.__version__)
+        (out / "throughput.json").write_text(json.dumps(res, indent=1))
+        return res
     train_data, val_data = tok.encode_tensor(corpus.train), tok.encode_tensor(corpus.val)
     cfgs = build_configs(args, tok.vocab_size)
     kinds = ["hope", "transformer"] if args.model == "both" else [args.model]
