@@ -64,7 +64,7 @@ def sumsq_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, 
         t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         n = tl.load(sizes + t, mask=valid, other=0)
         offs = start + tl.arange(0, BLOCK)
-        m = valid & (offs < n)
+        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
         g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
         if MAXIMIZE:
             g = -g
@@ -93,7 +93,7 @@ def momentum_kernel(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog, rms,
         n = tl.load(sizes + t, mask=valid, other=0)
         mode = tl.load(modes + t, mask=valid, other=0)
         offs = start + tl.arange(0, BLOCK)
-        m = valid & (offs < n)
+        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
         st = _ok(m, offs, inf_ptr, HAS_INF)
         p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
         g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
@@ -116,7 +116,7 @@ def momentum_kernel(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog, rms,
             nb = tl.where(kind == 2, b * ret + write_rate * g, nb)
             # delta rule, matrix keys: retention term R = (M Gh^T) Gh from torch
             r_ptr = _ptr(ptrs, 3, n_tensors, t, valid, S_DT)
-            r = tl.load(r_ptr + offs, mask=m & (kind == 3), other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + offs, mask=m & ((offs * 0 + kind) == 3), other=0.0).to(tl.float32)
             nb = tl.where(kind == 3, (b * momentum - delta * r) + write_rate * g, nb)
             nb = tl.where(kind == 1, g, nb)
             nb = nb.to(S_DT).to(tl.float32)
@@ -133,7 +133,7 @@ def momentum_kernel(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog, rms,
         if WD_MODE == 2:
             p = p * decay_v
         p = p + (-lr_v) * u
-        tl.store(p_ptr + offs, p.to(P_DT), mask=st & (mode < 8))
+        tl.store(p_ptr + offs, p.to(P_DT), mask=st & ((offs * 0 + mode) < 8))  # block-shaped masks (triton 3.9 interpreter)
 
 # -- Adam / AdamW (the adam value map; M3's AdamW groups)
 @triton.jit
@@ -162,7 +162,7 @@ def adam_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, h
         t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         n = tl.load(sizes + t, mask=valid, other=0)
         offs = start + tl.arange(0, BLOCK)
-        m = valid & (offs < n)
+        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
         st = _ok(m, offs, inf_ptr, HAS_INF)
         step = tl.load(_ptr(ptrs, 4, n_tensors, t, valid, tl.float32), mask=valid, other=1.0)
         e = step.to(tl.int32)
@@ -209,7 +209,7 @@ def m3_write_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, npro
         t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         n = tl.load(sizes + t, mask=valid, other=0)
         offs = start + tl.arange(0, BLOCK)
-        m = valid & (offs < n)
+        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
         st = _ok(m, offs, inf_ptr, HAS_INF)
         g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
         b_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
@@ -249,7 +249,7 @@ def apply_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, 
         t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         n = tl.load(sizes + t, mask=valid, other=0)
         offs = start + tl.arange(0, BLOCK)
-        m = valid & (offs < n)
+        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
         st = _ok(m, offs, inf_ptr, HAS_INF)
         # cols: [lr scale (lr tensor) or adjusted lr (float lr) | 1 - beta2**t]
         lr_t = tl.load(cols + t, mask=valid, other=0.0)
