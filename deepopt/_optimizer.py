@@ -98,6 +98,15 @@ def _local_shard(whole: Tensor, like: Tensor) -> Tensor:
     return _shard_like(whole, like).to_local()
 
 
+def _broadcast_(t: Tensor, source: int, process_group, device: torch.device) -> None:
+    """In-place broadcast; tensors kept elsewhere (a CPU step counter with NCCL) travel via ``device``."""
+    import torch.distributed as dist
+    buffer = t if t.device == device else t.to(device)
+    dist.broadcast(buffer, src=source, group=process_group)
+    if buffer is not t:
+        t.copy_(buffer)
+
+
 # ----------------------------------------------------------------------------- base class
 class DeepOptimizer(Optimizer):
     """Shared machinery; see the module docstring. Not part of the public API."""
@@ -265,16 +274,30 @@ class DeepOptimizer(Optimizer):
     def _update_gathered(self, group, params, grads, states) -> None:
         """Run the rule on whole matrices gathered from their shards, then keep each rank's shard.
 
-        One all-gather of param, grad and param-shaped state per sharded param; every rank
-        computes the same update (replicated state such as the MLP memory stays identical).
+        Each sharded param, grad and param-shaped state is all-gathered. On a 1-D mesh the
+        matrix work is spread round-robin, as distributed Muon does: rank ``i % world`` computes
+        the ``i``-th matrix's update and broadcasts the whole param and state (replicated state such as
+        the MLP memory included). On other meshes every rank computes every update.
         """
+        import torch.distributed as dist
+        matrices = 0
         for p, g, state in zip(params, grads, states):
-            if not _is_dtensor(p):
+            if not _is_dtensor(p) or p.ndim < 2:   # vectors take the elementwise fallback, on shards
                 self._update(group, [p], [g], [state], False)
                 continue
+            i, matrices = matrices, matrices + 1
             whole_p, whole_g = p.full_tensor(), g.full_tensor()
             whole_state = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in state.items()}
-            self._update(group, [whole_p], [whole_g], [whole_state], False)
+            mesh = p.device_mesh
+            if mesh.ndim == 1 and mesh.size() > 1 and set(whole_state) == set(self._state_spec(group, p)):
+                process_group, owner = mesh.get_group(), i % mesh.size()
+                if mesh.get_local_rank() == owner:
+                    self._update(group, [whole_p], [whole_g], [whole_state], False)
+                source = dist.get_global_rank(process_group, owner)
+                for t in [whole_p] + [whole_state[k] for k in sorted(whole_state)]:
+                    _broadcast_(t, source, process_group, whole_p.device)
+            else:
+                self._update(group, [whole_p], [whole_g], [whole_state], False)
             p.to_local().copy_(_local_shard(whole_p, p))
             for key, value in whole_state.items():
                 current = state.get(key)

@@ -7,8 +7,8 @@
 A small MLP classifies two spirals; each rank takes its slice of every global batch. deepopt
 needs nothing distributed-specific: under DDP every rank sees the all-reduced gradients; under
 FSDP2 the elementwise rules (and DeltaMomentum's matrix keys) run on local shards, and the rules
-that need whole matrices (DeepMomentum's MLP and Newton-Schulz, M3) gather each matrix, update
-it, and keep their shard.
+that need whole matrices (DeepMomentum's MLP and Newton-Schulz, M3) gather each matrix, one rank
+per matrix (round-robin) updates it and broadcasts it, and every rank keeps its shard.
 """
 
 import argparse

@@ -74,6 +74,22 @@ def single_process(name, steps=STEPS):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _count_rule_calls(opt):
+    """Count the rule's runs on whole gathered matrices (to see the round-robin split)."""
+    target = getattr(opt, "inner", opt)
+    calls = {"whole": 0}
+    if not hasattr(target, "_update"):   # a torch optimizer inside MultiFrequency
+        return calls
+    rule = target._update
+
+    def counting(group, params, grads, states, foreach, **kw):
+        calls["whole"] += sum(1 for p in params if not hasattr(p, "full_tensor") and p.ndim >= 2)
+        return rule(group, params, grads, states, foreach, **kw)
+
+    target._update = counting
+    return calls
+
+
 def shard(model, mesh):
     from torch.distributed.fsdp import fully_shard
     for layer in model:
@@ -98,7 +114,9 @@ def run(rank, world, engine, names, out_dir):
                     train(wrapped, opt, batches(), rank, world)
                 elif engine == "fsdp2":
                     opt = CONFIGS[name](shard(model, mesh))
+                    calls = _count_rule_calls(opt)
                     train(model, opt, batches(), rank, world)
+                    torch.save(calls, os.path.join(out_dir, f"{engine}-{name}-rank{rank}-calls.pt"))
                 elif engine == "dcp":
                     _dcp_save_then_continue(name, model, mesh, rank, world, out_dir)
                 result = [whole(p) for p in model.parameters()]

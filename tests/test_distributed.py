@@ -52,6 +52,15 @@ def test_matches_single_process_and_ranks_agree(engines_ran, out_dir, engine, na
         torch.testing.assert_close(a, b, **tolerance(name))
 
 
+@pytest.mark.parametrize("name", ["deep", "deep_ns_l2", "m3"])
+def test_fsdp2_spreads_whole_matrix_work_round_robin(engines_ran, out_dir, name):
+    calls = [torch.load(out_dir / f"fsdp2-{name}-rank{r}-calls.pt")["whole"] for r in range(WORLD)]
+    model = W.make_model()
+    matrices = sum(1 for p in W.CONFIGS[name](model).param_groups[0]["params"] if p.ndim >= 2)
+    assert sum(calls) == matrices * W.STEPS, calls      # each matrix update computed once ...
+    assert all(0 < c < matrices * W.STEPS for c in calls), calls   # ... and shared by the ranks
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_dcp_checkpoint_from_two_ranks_resumes_on_one(engines_ran, out_dir, name):
     sharded_run, _ = _results(out_dir, "dcp", name)
