@@ -13,12 +13,12 @@ PLOTS = ("loss_curves.png", "time_to_target.png", "forgetting.png", "lr_sweep.pn
 BASELINES = ("sgd", "adamw", "muon")
 
 
-def _pm(m, s, fmt="{:.4g}"):
+def _pm(m, s, fmt="{:.4g}", sfmt="{:.2g}"):
     if m is None:
         return "n/a"
     if not math.isfinite(m):
         return "diverged"
-    return fmt.format(m) + ("" if s is None else " ± " + fmt.format(s))
+    return fmt.format(m) + ("" if s is None else " ± " + sfmt.format(s))
 
 
 def _num(x, fmt="{:.3g}"):
@@ -50,18 +50,61 @@ def verdicts(results: dict) -> dict:
     return out
 
 
+def summary_table(results: dict) -> str:
+    """One row per task, one column per optimizer: final test loss mean ± std and, in brackets,
+    steps to AdamW's final test loss (— = never); continual: average final accuracy / forgetting.
+    Bold: a deepopt optimizer that reaches the target in fewer steps than AdamW (continual: with
+    >= 20% less forgetting than AdamW)."""
+    from benchmarks.optimizers import OPTIMIZERS
+    names = [o for o in OPTIMIZERS if any(o in tr["optimizers"] and not tr["optimizers"][o].get("confirming_run")
+                                          for tr in results["tasks"].values())]
+    ver = verdicts(results)
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t, tr in results["tasks"].items():
+        row = [t]
+        ref = tr["optimizers"].get("adamw", {})
+        for o in names:
+            e = tr["optimizers"].get(o)
+            if e is None:
+                row.append("n/a")
+                continue
+            if tr["kind"] == "continual":
+                cell = (f"{_pm(e.get('avg_acc_mean'), None, '{:.3f}')} / "
+                        f"{_pm(e.get('forgetting_mean'), None, '{:.3f}')}")
+                ch = ver[t].get("forgetting_change_vs_adamw", {}).get(o)
+                win = OPTIMIZERS[o]["deepopt"] and ch is not None and ch <= -0.2
+            else:
+                st = e.get("steps_to_target")
+                cell = f"{_pm(e.get('test_loss_mean'), e.get('test_loss_std'), '{:.3g}')} ({st if st is not None else '—'})"
+                win = o in ver[t].get("faster", [])
+            if e.get("diverged_seeds"):
+                cell += f" [{e['diverged_seeds']} div.]"
+            row.append(f"**{cell}**" if win else cell)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     from benchmarks.optimizers import OPTIMIZERS
     m = results["meta"]
     lines = [f"Command: `{m['command']}`  ", f"Machine: {m['machine']}; {m['jobs']} runs in parallel, "
-             f"1 thread each. Date: {m['date']}. Total wall time of this invocation: "
-             f"{m['total_wall_s'] / 60:.1f} min (sum of all run wall times: {m['sum_of_run_walls_s'] / 60:.1f} min).",
+             f"1 thread each. Date: {m['date']}. Sum of all run wall times: "
+             f"{m['sum_of_run_walls_s'] / 60:.1f} min.",
+             *([("Invocations that wrote into this directory (a resumed or cached re-run trains only "
+                 "the missing runs): " + "; ".join(
+                     f"{h['date']}: {h['wall_s'] / 60:.1f} min, {h['runs_trained']} runs trained"
+                     for h in m["invocations"]) + ".")] if m.get("invocations") else []),
              "", "Seeds: " + ", ".join(map(str, m["seeds"])) + ". Numbers are on the test split at the LR "
              "selected on the validation split; mean ± std over seeds. *Target* = AdamW's mean final test "
              "loss; steps/time to target read the seed-mean test-loss curve (evaluated every `eval_every` "
-             "steps); time = training time only (no evaluation). Step times are medians on a shared "
+             "steps); time = training time only (no evaluation). *Val target*: the same with AdamW's final "
+             "validation loss on the validation curves. Step times are medians on a shared "
              "2-core machine running two benchmarks at once: compare them loosely.", ""]
     ver = verdicts(results)
+    lines += ["### All tasks", "", "Final test loss mean ± std (steps to AdamW's final test loss; — = not "
+              "reached); continual task: average final accuracy / forgetting. **Bold**: a deepopt optimizer "
+              "that reaches the target in fewer steps than AdamW (continual: >= 20% less forgetting than AdamW). "
+              "Per-task details below.", "", summary_table(results)]
     for t, tr in results["tasks"].items():
         opts = tr["optimizers"]
         lines += [f"### {t}", "", f"{tr['description']}. Budget: {tr['steps']} steps (all optimizers); "
@@ -75,7 +118,7 @@ def markdown(results: dict) -> str:
         if cont:
             head += ["avg final acc", "forgetting", "forgetting vs AdamW"]
         else:
-            head += ["steps to target", "time to target (s)"]
+            head += ["steps to target", "time to target (s)", "steps to val target"]
         head += ["step (ms)", "vs AdamW"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         ref = opts.get("adamw", {})
@@ -86,10 +129,10 @@ def markdown(results: dict) -> str:
             name = f"**{o}**" if OPTIMIZERS[o]["deepopt"] else o
             row = [name, _num(e["best_lr"]), _pm(e.get("test_loss_mean"), e.get("test_loss_std"))]
             if acc:
-                row.append(_pm(e.get("test_acc_mean"), e.get("test_acc_std"), "{:.3f}"))
+                row.append(_pm(e.get("test_acc_mean"), e.get("test_acc_std"), "{:.3f}", "{:.3f}"))
             if cont:
-                row += [_pm(e.get("avg_acc_mean"), e.get("avg_acc_std"), "{:.3f}"),
-                        _pm(e.get("forgetting_mean"), e.get("forgetting_std"), "{:.3f}"),
+                row += [_pm(e.get("avg_acc_mean"), e.get("avg_acc_std"), "{:.3f}", "{:.3f}"),
+                        _pm(e.get("forgetting_mean"), e.get("forgetting_std"), "{:.3f}", "{:.3f}"),
                         "—" if o == "adamw" or fchange.get(o) is None else f"{100 * fchange[o]:+.0f}%"]
                 verdict = "ref" if o == "adamw" else (
                     "less forgetting" if (fchange.get(o) or 0) < 0 else "more forgetting")
@@ -97,7 +140,9 @@ def markdown(results: dict) -> str:
                     verdict += ", higher acc" if e["avg_acc_mean"] > ref["avg_acc_mean"] else ", lower acc"
             else:
                 s, rs = e.get("steps_to_target"), ref.get("steps_to_target")
-                row += [_num(s, "{}") if s is not None else "not reached", _num(e.get("time_to_target_s"), "{:.2f}")]
+                sv = e.get("steps_to_val_target")
+                row += [_num(s, "{}") if s is not None else "not reached", _num(e.get("time_to_target_s"), "{:.2f}"),
+                        _num(sv, "{}") if sv is not None else "not reached"]
                 if o == "adamw":
                     verdict = "ref"
                 elif s is None:
@@ -115,11 +160,11 @@ def markdown(results: dict) -> str:
         conf = [(o, e) for o, e in opts.items() if e.get("confirming_run")]
         lines.append("")
         if tr.get("not_applicable"):
-            lines.append(f"- Not run here: {', '.join(tr['not_applicable'])} ("
-                         + ("torch's Muon takes only 2-D params and this model's hidden weights are conv "
-                            "kernels; " if "muon" in tr["not_applicable"] else "")
-                         + ("MultiFrequency levels need a layered model" if any(
-                             o.startswith("mf-") for o in tr["not_applicable"]) else "").rstrip("; ") + ").")
+            why = (["torch's Muon takes only 2-D params and this model's hidden weights are conv kernels"]
+                   if "muon" in tr["not_applicable"] else [])
+            why += (["MultiFrequency levels need a layered model"]
+                    if any(o.startswith("mf-") for o in tr["not_applicable"]) else [])
+            lines.append(f"- Not run here: {', '.join(tr['not_applicable'])} ({'; '.join(why)}).")
         if conf:
             for o, e in conf:
                 lines.append(f"- `{o}` (not swept) at {e['twin']}'s best lr {e['lr']:.3g}: final test loss "

@@ -59,6 +59,21 @@ def run_path(out: Path, job: dict) -> Path:
     return out / "runs" / job["task"] / job["optimizer"] / f"lr{job['lr']:.3g}{aux}_seed{job['seed']}.json"
 
 
+def _budget(job: dict) -> dict:
+    from benchmarks.tasks import CONFIG
+    return CONFIG["quick" if job["quick"] else "full"][job["task"]]
+
+
+def cached(out: Path, job: dict) -> dict | None:
+    """The cached record of ``job``, or None (missing, unreadable, or made with another budget)."""
+    path = run_path(out, job)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if rec.get("budget") == _budget(job) else None
+
+
 def run_job(job: dict) -> dict:
     """Train one (task, optimizer, lr, seed) and cache the record (atomic write)."""
     import torch
@@ -67,8 +82,9 @@ def run_job(job: dict) -> dict:
     from benchmarks.tasks import continual_metrics, grad_stable_rank, train
     out = Path(job["out"])
     path = run_path(out, job)
-    if path.is_file():
-        return json.loads(path.read_text())
+    rec = cached(out, job)
+    if rec is not None:
+        return rec
     task = _get_task(job["task"], job["quick"])
     seed = job["seed"]
     random.seed(seed)
@@ -78,6 +94,7 @@ def run_job(job: dict) -> dict:
     t0 = time.perf_counter()
     rec = dict(job)
     rec.pop("out", None)
+    rec["budget"] = _budget(job)
     try:
         opt = O.build(job["optimizer"], model, job["lr"], aux_lr=job.get("aux_lr"), seed=seed,
                       mf_periods=task.mf_periods)
@@ -108,7 +125,7 @@ def run_jobs(jobs, out: Path, n_jobs: int, quick: bool, log=print):
     """Run the jobs not cached yet, ``n_jobs`` at a time; return all records."""
     for j in jobs:
         j["out"], j["quick"] = str(out), quick
-    todo = [j for j in jobs if not run_path(out, j).is_file()]
+    todo = [j for j in jobs if cached(out, j) is None]
     cost = {"shakespeare_char": 5, "mnist1d_cnn": 3, "continual_pmnist1d": 2}
     todo.sort(key=lambda j: -cost.get(j["task"], 1))     # longest first: better packing
     if todo:
@@ -126,10 +143,14 @@ def run_jobs(jobs, out: Path, n_jobs: int, quick: bool, log=print):
             with ctx.Pool(n_jobs, initializer=_init_worker) as pool:
                 for i, r in enumerate(pool.imap_unordered(run_job, todo)):
                     _log_run(log, i, len(todo), r)
-    return [json.loads(run_path(out, j).read_text()) for j in jobs]
+    return [cached(out, j) for j in jobs]
+
+
+_TRAINED = [0]
 
 
 def _log_run(log, i, n, r):
+    _TRAINED[0] += 1
     fin = final_value(r, "val")
     log(f"  [{i + 1}/{n}] {r['task']:<19} {r['optimizer']:<11} lr={r['lr']:<9.3g} seed={r['seed']} "
         f"val={fin:.4g} {'DIVERGED ' if r.get('diverged') else ''}{r.get('error') or ''}({r['wall']:.1f}s)")
@@ -218,6 +239,7 @@ def aggregate(task, opt, sweep_recs, seed_recs) -> dict:
 
 def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
     steps, loss = _stack(seed_recs, "test_loss")
+    _, vloss = _stack(seed_recs, "val_loss")
     _, times = _stack(seed_recs, "time")
     entry = {
         "sweep": {f"{lr:.3g}": final_value(r, "val") for lr, r in sorted(sweep_recs.items())},
@@ -233,6 +255,7 @@ def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
                   "test_loss_mean": np.mean(loss, 0).tolist() if loss.size else [],
                   "test_loss_std": (np.std(loss, 0, ddof=1) if len(loss) > 1 else np.zeros(loss.shape[1])).tolist()
                   if loss.size else [],
+                  "val_loss_mean": np.mean(vloss, 0).tolist() if vloss.size else [],
                   "time_mean": np.mean(np.where(np.isfinite(times), times, np.nan), 0).tolist() if times.size else []},
     }
     entry["test_loss_mean"], entry["test_loss_std"] = _mean_std(entry["final_test_loss"])
@@ -242,7 +265,7 @@ def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
         entry["final_test_acc"] = acc
         entry["test_acc_mean"], entry["test_acc_std"] = _mean_std(acc)
     if task.kind == "continual":
-        cm = [r.get("continual", {}).get("test") for r in seed_recs]
+        cm = [(r.get("continual") or {}).get("test") for r in seed_recs if not r.get("diverged")]
         ok = [c for c in cm if c]
         entry["avg_acc"] = [c["avg_acc"] for c in ok]
         entry["forgetting"] = [c["forgetting"] for c in ok]
@@ -263,11 +286,17 @@ def add_targets(task_res: dict):
     target = task_res["adamw"]["test_loss_mean"]
     if not math.isfinite(target):
         return None
+    vc = task_res["adamw"]["curve"].get("val_loss_mean") or [math.inf]
+    vtarget = vc[-1]
     for e in task_res.values():
         c = e["curve"]
         hit = [i for i, v in enumerate(c["test_loss_mean"]) if v <= target]
         e["steps_to_target"] = c["step"][hit[0]] if hit else None
         e["time_to_target_s"] = c["time_mean"][hit[0]] if hit and c["time_mean"] else None
+        # the same on the validation split (AdamW's seed-mean final validation loss)
+        vhit = [i for i, v in enumerate(c.get("val_loss_mean", [])) if v <= vtarget]
+        e["steps_to_val_target"] = c["step"][vhit[0]] if vhit else None
+    task_res["adamw"]["val_target"] = vtarget
     return target
 
 
@@ -356,7 +385,7 @@ def main(argv=None):
         by.setdefault((r["task"], r["optimizer"]), {})[r["seed"]] = r
 
     results = {"meta": {
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "date": datetime.date.today().isoformat(), "quick": a.quick,
         "seeds": a.seeds, "jobs": a.jobs, "threads_per_run": 1,
         "budgets": {t: CONFIG["quick" if a.quick else "full"][t] for t in a.tasks},
@@ -390,6 +419,17 @@ def main(argv=None):
                                "runs_wall_s": runs_wall, "optimizers": tr,
                                "not_applicable": [o for o in a.optimizers if not O.applicable(tasks[t], o)]}
     results["meta"]["total_wall_s"] = time.perf_counter() - t_start
+    # every invocation (a resumed or cached re-run is fast: keep the history of what each did)
+    hist_path = a.out / "invocations.json"
+    try:
+        hist = json.loads(hist_path.read_text())
+    except (OSError, ValueError):
+        hist = []
+    hist.append({"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "command": results["meta"]["command"], "wall_s": round(results["meta"]["total_wall_s"], 1),
+                 "runs_trained": _TRAINED[0], "machine": results["meta"]["machine"]})
+    hist_path.write_text(json.dumps(hist, indent=1))
+    results["meta"]["invocations"] = hist
     cached_total = sum(v["runs_wall_s"] for v in results["tasks"].values())
     results["meta"]["sum_of_run_walls_s"] = cached_total
     (a.out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
