@@ -8,6 +8,8 @@ is the adaptation stream, the last 30% the test text. Reported per model (nats/c
 
 * ``new_before``: loss on the test text before adaptation (in-context memories only: they write
   inside each window, weights frozen);
+* ``--eval-lengths``: validation loss with contexts longer than the training length (memories
+  keep writing over the whole window);
 * ``new_stream`` (HOPE): the same text read as one stream after the adaptation stream, the
   memories carrying their state from window to window (no weight changes at all);
 * with ``--continual``: one pass over the adaptation stream in order, taking optimizer steps on the
@@ -108,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--val-windows", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-lengths", type=int, nargs="*", default=[],
+                    help="also report validation bits/char at these context lengths (before adaptation)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,6 +133,8 @@ def main(argv=None):
         T, B = args.seq_len, 32
         r = {"new_before": evaluate(model, test_part, B, T),
              "val_before": evaluate(model, val, B, T, args.val_windows)}
+        for L in args.eval_lengths:      # ~128K validation chars at every length
+            r[f"val_len{L}"] = evaluate(model, val, max(1, 4096 // L), L, max(8, 131072 // L))
         if kind == "hope":
             r["new_stream"] = stream_loss(model, adapt_part, test_part, T)
         if args.continual:

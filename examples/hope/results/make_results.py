@@ -42,10 +42,27 @@ def main():
                 "val_bpc": mean_sd([r["final_val_bpc"] for r in recs]),
                 "tokens_per_s": mean_sd([r["tokens_per_s"] for r in recs]),
                 "per_seed_bpc": [round(r["final_val_bpc"], 4) for r in recs]}
-    for name in ("recall.json", "continual.json"):
-        for p in [runs / "recall" / name, runs / "hope_seed0" / name]:
-            if p.exists():
-                shutil.copy(p, HERE / name)
+    # recall: HOPE runs (lr 1e-2) from out/recall, Transformer runs at its own lr (1e-3) from
+    # out/recall_tr (the same seeds; recall.py's defaults now give both in one call)
+    if (runs / "recall" / "recall.json").exists():
+        rec = json.loads((runs / "recall" / "recall.json").read_text())
+        shutil.copy(runs / "recall" / "recall.json", HERE / "recall_transformer_lr1e-2_run.json")
+        if (runs / "recall_tr" / "recall.json").exists():
+            tr = json.loads((runs / "recall_tr" / "recall.json").read_text())
+            rec["runs"] = [r for r in rec["runs"] if r["kind"] == "hope"] + tr["runs"]
+            rec["transformer_command"] = tr["command"]
+            rec["transformer_lr"] = tr["args"]["lr_transformer"]
+        rec["summary"] = {}
+        for kind in ("hope", "transformer"):
+            rs = [r for r in rec["runs"] if r["kind"] == kind]
+            rec["summary"][kind] = {m: {L: st.mean(r[m][L] for r in rs) for L in rs[0][m]}
+                                    for m in ("same_pairs", "more_pairs")}
+        (HERE / "recall.json").write_text(json.dumps(rec, indent=1))
+    for src, dst in [("hope_seed0/continual.json", "continual.json"),
+                     ("throughput/throughput.json", "throughput.json"),
+                     ("recall_tr_long/recall.json", "recall_transformer_2000steps.json")]:
+        if (runs / src).exists():
+            shutil.copy(runs / src, HERE / dst)
     (HERE / "summary.json").write_text(json.dumps(table, indent=1))
     try:   # combined curve: mean val bpc over seeds
         import matplotlib
