@@ -20,6 +20,24 @@ def _chunk(tab, n_tensors, n_chunks, pid, i, nprog, BLOCK: tl.constexpr):
     return t, start, valid
 
 @triton.jit
+def _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK: tl.constexpr):
+    """(tensor index, element offsets, in-bounds mask, chunk valid) of this program's i-th chunk.
+    The size of an invalid chunk loads as 0, so the mask needs no ``valid &`` (a scalar/block mix
+    that triton 3.9's interpreter rejects)."""
+    t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
+    n = tl.load(sizes + t, mask=valid, other=0)
+    offs = start + tl.arange(0, BLOCK)
+    return t, offs, offs < n, valid
+
+@triton.jit
+def _decay_factor(lr_v, wd, decay, LR_TENSOR: tl.constexpr):
+    # decoupled weight decay 1 - lr * wd: on the device when lr is a tensor
+    if LR_TENSOR:
+        return 1.0 - lr_v * wd
+    else:
+        return decay
+
+@triton.jit
 def _lerp(a, b, w, W_SMALL: tl.constexpr):
     # torch's lerp: a + w (b - a) for |w| < 0.5, else b - (b - a)(1 - w)
     if W_SMALL:
@@ -61,10 +79,7 @@ def sumsq_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, 
                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     for i in range(ITERS):
-        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
-        n = tl.load(sizes + t, mask=valid, other=0)
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
+        t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
         if MAXIMIZE:
             g = -g
@@ -84,16 +99,10 @@ def momentum_kernel(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog, rms,
                     HAS_INF: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lr_v = _lr(lr, lr_ptr, LR_TENSOR)
-    if LR_TENSOR:
-        decay_v = 1.0 - lr_v * wd
-    else:
-        decay_v = decay
+    decay_v = _decay_factor(lr_v, wd, decay, LR_TENSOR)
     for i in range(ITERS):
-        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
-        n = tl.load(sizes + t, mask=valid, other=0)
+        t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         mode = tl.load(modes + t, mask=valid, other=0)
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
         st = _ok(m, offs, inf_ptr, HAS_INF)
         p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
         g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
@@ -159,10 +168,7 @@ def adam_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, h
     beta1 = tl.load(hp)
     beta2 = tl.load(hp + 1)
     for i in range(ITERS):
-        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
-        n = tl.load(sizes + t, mask=valid, other=0)
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
+        t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         st = _ok(m, offs, inf_ptr, HAS_INF)
         step = tl.load(_ptr(ptrs, 4, n_tensors, t, valid, tl.float32), mask=valid, other=1.0)
         e = step.to(tl.int32)
@@ -201,15 +207,9 @@ def m3_write_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, npro
                     ITERS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lr_v = _lr(lr, lr_ptr, LR_TENSOR)
-    if LR_TENSOR:
-        decay_v = 1.0 - lr_v * wd
-    else:
-        decay_v = decay
+    decay_v = _decay_factor(lr_v, wd, decay, LR_TENSOR)
     for i in range(ITERS):
-        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
-        n = tl.load(sizes + t, mask=valid, other=0)
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
+        t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         st = _ok(m, offs, inf_ptr, HAS_INF)
         g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
         b_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
@@ -241,15 +241,9 @@ def apply_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, 
                  ITERS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lr_v = _lr(lr, lr_ptr, LR_TENSOR)
-    if LR_TENSOR:
-        decay_v = 1.0 - lr_v * wd
-    else:
-        decay_v = decay
+    decay_v = _decay_factor(lr_v, wd, decay, LR_TENSOR)
     for i in range(ITERS):
-        t, start, valid = _chunk(chunks, n_tensors, n_chunks, pid, i, nprog, BLOCK)
-        n = tl.load(sizes + t, mask=valid, other=0)
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n   # n is 0 for an invalid chunk (masked load), so no `valid &`: triton 3.9's interpreter rejects the scalar-block mix
+        t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         st = _ok(m, offs, inf_ptr, HAS_INF)
         # cols: [lr scale (lr tensor) or adjusted lr (float lr) | 1 - beta2**t]
         lr_t = tl.load(cols + t, mask=valid, other=0.0)

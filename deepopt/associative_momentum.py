@@ -69,8 +69,7 @@ def _multi_tensor_momentum(params, grads, states, *, lr, momentum, dampening, we
             decoupled_weight_decay=decoupled_weight_decay)
         if momentum != 0:
             if write_ is None and all(b is not None for b in device_bufs):
-                torch._foreach_mul_(device_bufs, momentum)
-                torch._foreach_add_(device_bufs, device_grads, alpha=1 - dampening)
+                Fn.momentum_write_foreach_(device_bufs, device_grads, momentum, dampening)
             else:   # first steps (as torch, per tensor) or a per-tensor write rule
                 device_bufs = list(device_bufs)
                 for i, (p, g, buf) in enumerate(zip(device_params, device_grads, device_bufs)):

@@ -86,11 +86,7 @@ def _multi_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampenin
             device_params, device_grads, lr=lr, weight_decay=weight_decay, maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay)
         torch._foreach_add_(steps, 1)
-        if lerp:
-            torch._foreach_lerp_(bufs, device_grads, 1 - momentum)
-        else:
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, device_grads, alpha=1 - dampening)
+        Fn.momentum_write_foreach_(bufs, device_grads, momentum, dampening, lerp=lerp)
         if not nesterov:
             updates = bufs
         elif lerp:

@@ -118,6 +118,16 @@ def momentum_write_(buf: Tensor, g: Tensor, momentum: float, dampening: float, *
     return buf.mul_(momentum).add_(g, alpha=1 - dampening)
 
 
+def momentum_write_foreach_(bufs: list[Tensor], gs: list[Tensor], momentum: float, dampening: float, *,
+                            lerp: bool = False) -> None:
+    """:func:`momentum_write_` over lists of one device and dtype (same ops, as foreach calls)."""
+    if lerp:
+        torch._foreach_lerp_(bufs, gs, 1 - momentum)
+    else:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, gs, alpha=1 - dampening)
+
+
 def momentum_write(buf: Tensor, g: Tensor, momentum: float, dampening: float, *,
                    lerp: bool = False) -> Tensor:
     """Out-of-place :func:`momentum_write_` (autograd-safe; any leading dims)."""

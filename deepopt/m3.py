@@ -79,11 +79,7 @@ def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_d
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
         torch._foreach_add_(steps, 1)
-        if lerp:
-            torch._foreach_lerp_(bufs, device_grads, 1 - momentum)
-        else:
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, device_grads, alpha=1 - dampening)
+        Fn.momentum_write_foreach_(bufs, device_grads, momentum, dampening, lerp=lerp)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, device_grads, device_grads, 1 - beta2)
         torch._foreach_add_(chunk_sums, device_grads)
