@@ -312,7 +312,7 @@ def fused_momentum_(params, grads, states, *, lr, momentum, dampening, weight_de
                 for i in firsts:   # a skipped first step must not leave a memory behind
                     del states[i]["momentum_buffer"]
                 continue
-        matrix_delta = delta != 0 and keys == "matrix"
+        matrix_delta = delta != 0 and keys != "elementwise"
         elem_delta = delta != 0
         rms = None
         if matrix_delta:
@@ -328,7 +328,7 @@ def fused_momentum_(params, grads, states, *, lr, momentum, dampening, weight_de
                                        maximize=maximize)
                 buf = bufs[j]
                 rs[j] = Fn._delta_retention(buf.view(buf.shape[0], -1), g.reshape(g.shape[0], -1), momentum,
-                                            delta, "matrix", eps).view(buf.shape)
+                                            delta, keys, eps).view(buf.shape)
                 modes[j] = MODE_DELTA_MATRIX
         if elem_delta:
             for j in range(len(idx)):

@@ -31,9 +31,9 @@ __all__ = ["DeltaMomentum"]
 
 def _delta_write_(buf, g, *, momentum, dampening, delta, keys, eps):
     """One param's delta-rule write; matrices (ndim >= 2) are seen as (rows, cols)."""
-    if keys == "matrix" and buf.ndim >= 2:
+    if keys != "elementwise" and buf.ndim >= 2:
         Fn.delta_momentum_write_(buf.view(matrix_shape(buf)), as_matrix(g), momentum, dampening, delta,
-                                 keys="matrix", eps=eps)
+                                 keys=keys, eps=eps)
     else:
         Fn.delta_momentum_write_(buf, g, momentum, dampening, delta, keys="elementwise", eps=eps)
 
@@ -52,9 +52,12 @@ class DeltaMomentum(DeepOptimizer):
         delta: forgetting strength, ``0 <= delta <= momentum`` (keeps ``aI - delta Gh^T Gh`` a
             contraction since ``||Gh||_2 <= 1``). ``0`` gives SGD-momentum exactly.
         keys: ``"matrix"`` (the rule above; conv weights seen as ``(out, in*kh*kw)``, evaluated
-            in the cheaper of ``(M Gh^T) Gh`` and ``M (Gh^T Gh)``) or ``"elementwise"``:
-            per coordinate ``k = g / (rms(G) + eps)``, ``M <- max(a - delta k^2, 0) M + (1-d) G``.
-            Params with ndim < 2 always use ``"elementwise"``.
+            in the cheaper of ``(M Gh^T) Gh`` and ``M (Gh^T Gh)``); ``"spectral"``: the same with
+            ``Gh = G / (sigma_1(G) + eps)`` from 3 power iterations, so the top direction decays by
+            ``delta`` whatever the gradient's rank (the power iteration estimates sigma_1 from
+            below, so ``||Gh||_2`` can slightly exceed 1); or ``"elementwise"``: per coordinate
+            ``k = g / (rms(G) + eps)``, ``M <- max(a - delta k^2, 0) M + (1-d) G``. Params with
+            ndim < 2 always use ``"elementwise"``.
         eps: key normalisation epsilon, > 0.
 
     State: ``momentum_buffer`` (as torch SGD).
@@ -74,7 +77,7 @@ class DeltaMomentum(DeepOptimizer):
         if group["dampening"] is not None:
             check_range("dampening", group["dampening"], 0.0, 1.0)
         check_range("delta", group["delta"], 0.0, group["momentum"])
-        check_choice("keys", group["keys"], ("matrix", "elementwise"))
+        check_choice("keys", group["keys"], ("matrix", "spectral", "elementwise"))
         check_range("eps", group["eps"], 0.0, low_open=True)
         if group["nesterov"] and (group["momentum"] <= 0 or (group["dampening"] or 0) != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")

@@ -19,6 +19,7 @@ CONFIGS = {
                                                                     weight_decay=0.01, **kw),
     "delta": lambda p, **kw: deepopt.DeltaMomentum(p, lr=0.05, delta=0.5, nesterov=True, **kw),
     "delta_elementwise": lambda p, **kw: deepopt.DeltaMomentum(p, lr=0.05, delta=0.5, keys="elementwise", **kw),
+    "delta_spectral": lambda p, **kw: deepopt.DeltaMomentum(p, lr=0.05, delta=0.5, keys="spectral", **kw),
     "deep": lambda p, **kw: deepopt.DeepMomentum(p, lr=0.05, memory_lr=0.1, **kw),
     "deep_ns_l2": lambda p, **kw: deepopt.DeepMomentum(p, lr=0.02, memory_lr=0.1, objective="l2",
                                                        output="newton_schulz", nesterov=True, dampening=0.9,

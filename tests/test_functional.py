@@ -105,3 +105,19 @@ def test_every_public_name_is_exported():
                                     "MultiFrequency", "functional"}
     for name in Fn.__all__:
         assert callable(getattr(Fn, name)) or name == "NS_COEFFICIENTS"
+
+
+def test_spectral_keys_decay_the_top_direction_by_delta():
+    """keys="spectral": Gh = G / sigma_1, so a memory holding the top singular direction of a
+    full-rank gradient loses delta of it (Frobenius keys would lose delta s_1^2 / sum s_j^2)."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    s = torch.tensor([4.0, 2.0, 1.5, 1.0, 0.5, 0.25], dtype=torch.float64)
+    g = u[:, :6] @ torch.diag(s) @ v.T
+    torch.testing.assert_close(Fn.spectral_norm_estimate(g).squeeze(), s[0], rtol=2e-2, atol=0)
+    top = torch.outer(u[:, 0], v[:, 0])
+    for keys, expect in [("spectral", 0.9 - 0.6), ("matrix", 0.9 - 0.6 * 16 / s.square().sum().item())]:
+        m = Fn.delta_forget_(top.clone(), g, 0.9, 0.6, keys=keys, eps=0.0)
+        kept = (m * top).sum().item()
+        assert abs(kept - expect) < 0.02, (keys, kept, expect)

@@ -66,7 +66,7 @@ def test_associative_momentum_adam_is_adam_or_adamw(shapes, dtype, lr, b1, b2, w
 
 
 @given(shapes=shapes, dtype=dtypes, lr=rates, momentum=moms, damp=st.floats(0.0, 0.9), wd=wds,
-       nesterov=st.booleans(), keys=st.sampled_from(["matrix", "elementwise"]), fe=foreach,
+       nesterov=st.booleans(), keys=st.sampled_from(["matrix", "spectral", "elementwise"]), fe=foreach,
        decoupled=st.booleans())
 def test_delta_momentum_with_zero_delta_is_associative_momentum(shapes, dtype, lr, momentum, damp, wd, nesterov,
                                                                keys, fe, decoupled):
