@@ -16,6 +16,7 @@ Names:
     assoc-adamw  deepopt.AssociativeMomentum(preconditioner="adam", decoupled_weight_decay=True):
                  confirming run at adamw's best LR (must equal torch AdamW exactly)
     delta        deepopt.DeltaMomentum, momentum 0.9, delta 0.5, keys="matrix" (the defaults)
+    delta-spectral  the same with keys="spectral" (keys over sigma_1, DESIGN §3.2's comparison)
     deep         deepopt.DeepMomentum, momentum 0.9, defaults (MLP memory, dot objective,
                  identity output)
     deep-ns      deepopt.DeepMomentum(output="newton_schulz", momentum=dampening=0.95, Nesterov,
@@ -100,6 +101,10 @@ def build_delta(model, lr, **kw):
     return deepopt.DeltaMomentum(model.parameters(), lr=lr, momentum=0.9, delta=0.5, keys="matrix")
 
 
+def build_delta_spectral(model, lr, **kw):
+    return deepopt.DeltaMomentum(model.parameters(), lr=lr, momentum=0.9, delta=0.5, keys="spectral")
+
+
 def build_deep(model, lr, seed=0, **kw):
     return deepopt.DeepMomentum(model.parameters(), lr=lr, momentum=0.9, seed=seed)
 
@@ -140,6 +145,7 @@ OPTIMIZERS = {
     "assoc-sgd": dict(build=build_assoc_sgd, grid=None, twin="sgd", deepopt=True),
     "assoc-adamw": dict(build=build_assoc_adamw, grid=None, twin="adamw", deepopt=True),
     "delta": dict(build=build_delta, grid=SGD_GRID, deepopt=True),
+    "delta-spectral": dict(build=build_delta_spectral, grid=SGD_GRID, deepopt=True),
     "deep": dict(build=build_deep, grid=SGD_GRID, deepopt=True),
     "deep-ns": dict(build=build_deep_ns, grid=MUON_GRID, aux=True, deepopt=True),
     "m3": dict(build=build_m3, grid=M3_GRID, aux=True, deepopt=True),
@@ -152,11 +158,13 @@ OPTIMIZERS = {
 GRID_OVERRIDES = {
     ("rosenbrock", "sgd"): log_grid(-5, -3),
     ("rosenbrock", "delta"): log_grid(-5, -3),
+    ("rosenbrock", "delta-spectral"): log_grid(-5, -3),
     ("rosenbrock", "deep"): log_grid(-5, -3),
     ("rosenbrock", "adamw"): log_grid(-2, 0),
     ("rosenbrock", "m3"): log_grid(-3, -1),
     ("noisy_quadratic", "sgd"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "delta"): log_grid(-1.5, 0.5),
+    ("noisy_quadratic", "delta-spectral"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "deep"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "m3"): log_grid(-5, -3),
 }
