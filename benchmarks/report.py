@@ -13,6 +13,17 @@ PLOTS = ("loss_curves.png", "time_to_target.png", "forgetting.png", "lr_sweep.pn
 BASELINES = ("sgd", "adamw", "muon")
 
 
+
+def _save_grid(plt, fig, axes, n, path):
+    """Blank the unused panels of a grid of n plots, add one shared legend, save and close."""
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    h, lab = axes.flat[0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=min(len(lab), 10), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 def _pm(m, s, fmt="{:.4g}", sfmt="{:.2g}"):
     if m is None:
         return "n/a"
@@ -241,13 +252,7 @@ def make_plots(results: dict, out: Path):
         ax.set_xlabel("step")
         ax.set_ylabel("test loss")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    h, lab = axes.flat[0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="lower center", ncol=min(len(lab), 10), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    _save_grid(plt, fig, axes, n, out / "loss_curves.png")
 
     # 2. time-to-target bars (and steps as the bar label)
     tt = [(t, tr) for t, tr in tasks.items() if tr["kind"] != "continual"]
@@ -317,13 +322,7 @@ def make_plots(results: dict, out: Path):
         ax.set_xlabel("lr")
         ax.set_ylabel("val avg final acc" if tr["kind"] == "continual" else "final val loss")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    h, lab = axes.flat[0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="lower center", ncol=min(len(lab), 10), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(out / "lr_sweep.png", dpi=110)
-    plt.close(fig)
+    _save_grid(plt, fig, axes, n, out / "lr_sweep.png")
 
 
 def write_report(results: dict, out: Path, plots: bool = True):

@@ -64,6 +64,24 @@ def _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE: tl.constexpr
     return g
 
 @triton.jit
+def _preprocessed(p_ptr, ptrs, n_tensors, t, valid, offs, m, scale_ptr, wd, HAS_SCALE: tl.constexpr,
+                  G_DT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
+                  LOAD_P: tl.constexpr):
+    """(G, p) in fp32: the unscaled gradient, negated if maximize, plus coupled weight decay
+    (DESIGN §2's pre-processing, as functional.decay_and_preprocess). ``p`` is read only when
+    the caller needs it (``LOAD_P``) or the decay does; otherwise it is 0."""
+    g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
+    if MAXIMIZE:
+        g = -g
+    if LOAD_P or COUPLED_WD:
+        p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        p = tl.zeros_like(g)
+    if COUPLED_WD:
+        g = g + wd * p
+    return g, p
+
+@triton.jit
 def _ok(m, offs, inf_ptr, HAS_INF: tl.constexpr):
     # found_inf loaded as a (broadcast) block: the interpreter mishandles scalar float compares
     if HAS_INF:
@@ -80,12 +98,8 @@ def sumsq_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, 
     pid = tl.program_id(0)
     for i in range(ITERS):
         t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
-        g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
-        if MAXIMIZE:
-            g = -g
-        if COUPLED_WD:
-            p = tl.load(_ptr(ptrs, 0, n_tensors, t, valid, P_DT) + offs, mask=m, other=0.0).to(tl.float32)
-            g = g + wd * p
+        g, _ = _preprocessed(_ptr(ptrs, 0, n_tensors, t, valid, P_DT), ptrs, n_tensors, t, valid, offs, m,
+                             scale_ptr, wd, HAS_SCALE, G_DT, MAXIMIZE, COUPLED_WD, False)
         tl.atomic_add(acc + t, tl.sum(g * g, 0), mask=valid)
 
 # -- the momentum family: SGD convention, zero-init convention, delta-rule writes
@@ -105,12 +119,8 @@ def momentum_kernel(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog, rms,
         mode = tl.load(modes + t, mask=valid, other=0)
         st = _ok(m, offs, inf_ptr, HAS_INF)
         p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
-        g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
-        if MAXIMIZE:
-            g = -g
-        p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        if WD_MODE == 1:
-            g = g + wd * p
+        g, p = _preprocessed(p_ptr, ptrs, n_tensors, t, valid, offs, m, scale_ptr, wd, HAS_SCALE, G_DT,
+                             MAXIMIZE, WD_MODE == 1, True)
         if HAS_MOMENTUM:
             b_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
             b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -179,12 +189,8 @@ def adam_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, h
         p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
         m_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
         v_ptr = _ptr(ptrs, 3, n_tensors, t, valid, S_DT)
-        g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
-        if MAXIMIZE:
-            g = -g
-        p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        if WD_MODE == 1:
-            g = g + wd * p
+        g, p = _preprocessed(p_ptr, ptrs, n_tensors, t, valid, offs, m, scale_ptr, wd, HAS_SCALE, G_DT,
+                             MAXIMIZE, WD_MODE == 1, True)
         if WD_MODE == 2:
             p = p * (1.0 - lr_v * wd)
         ma = tl.load(m_ptr + offs, mask=m, other=0.0).to(tl.float32)
