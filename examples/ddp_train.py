@@ -95,6 +95,7 @@ def main():
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optim_state = get_state_dict(model, opt)
         dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(end)}, checkpoint_id=args.ckpt)
+    dist.barrier()   # no rank tears gloo down while a peer is still sending (an abort at exit otherwise)
     dist.destroy_process_group()
 
 
