@@ -219,7 +219,7 @@ class DeepOptimizer(Optimizer):
             policy = group.get("nonfinite", "propagate")
             if policy == "propagate" or not grads:
                 continue
-            # one fused reduction and one host sync for the whole group
+            # one host sync for the whole group
             finite = torch.stack([g.detach().isfinite().all().to(grads[0].device) for g in grads]).all()
             if not bool(finite):
                 if policy == "raise":
