@@ -28,12 +28,17 @@ _NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
 
 # ----------------------------------------------------------------------------- validation
+# torch's wording where torch has a message for the same check ("Invalid learning rate: -1")
+_TORCH_LABELS = {"lr": "learning rate", "eps": "epsilon value", "beta2": "beta parameter at index 1"}
+
+
 def check_range(name: str, value: Any, low: float, high: float = math.inf, *,
                 low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``low <= value <= high`` (open ends as asked)."""
+    """Raise ``ValueError`` naming ``name`` and its range unless ``low <= value <= high``
+    (open ends as asked). The message starts as torch's does for the same check."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a float or a 1-element tensor, got shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         number = value.item()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
@@ -44,12 +49,13 @@ def check_range(name: str, value: Any, low: float, high: float = math.inf, *,
     if math.isnan(number) or below or above:
         left = "(" if low_open else "["
         right = ")" if high_open or high == math.inf else "]"
-        raise ValueError(f"invalid {name}={value}: must lie in {left}{low}, {high}{right}")
+        label = _TORCH_LABELS.get(name, f"{name} value")
+        raise ValueError(f"Invalid {label}: {value} ({name} must lie in {left}{low}, {high}{right})")
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"invalid {name}={value!r}: must be one of {choices}")
+        raise ValueError(f"Invalid {name} value: {value!r} ({name} must be one of {choices})")
 
 
 def resolve_state_dtype(state_dtype: Any, param: Tensor) -> torch.dtype:
@@ -68,7 +74,32 @@ def _check_state_dtype(state_dtype: Any) -> None:
     if state_dtype is None or state_dtype == "param":
         return
     if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
-        raise ValueError(f"invalid state_dtype={state_dtype!r}: must be None, 'param' or a floating torch.dtype")
+        raise ValueError(f"Invalid state_dtype value: {state_dtype!r} (state_dtype must be None, 'param' "
+                         "or a floating torch.dtype)")
+
+
+def new_step(value: float = 0.0) -> Tensor:
+    """A step counter as torch's Adam keeps it: a CPU scalar tensor, fp64 under a float64
+    default dtype and fp32 otherwise."""
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(float(value), dtype=dtype)
+
+
+def _split_names(params: list) -> tuple[list | None, list]:
+    """``(names, tensors)`` of a group's params: all ``(name, tensor)`` pairs or all tensors."""
+    named = [isinstance(p, tuple) for p in params]
+    if not any(named):
+        return None, params
+    if not all(named):
+        first_plain = named.index(False) if named[0] else named.index(True)
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names are missing: "
+            f"params[0] is {'a (name, tensor) pair' if named[0] else 'a tensor'}, params[{first_plain}] "
+            f"is {'a tensor' if named[0] else 'a (name, tensor) pair'}")
+    for i, pair in enumerate(params):
+        if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], Tensor):
+            raise ValueError(f"params[{i}] must be a (str, Tensor) pair, got {tuple(type(x).__name__ for x in pair)}")
+    return [n for n, _ in params], [p for _, p in params]
 
 
 def matrix_shape(t: Tensor) -> tuple[int, int]:
@@ -115,8 +146,7 @@ class DeepOptimizer(Optimizer):
     _supports_complex = False
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
-        if defaults.get("fused") and defaults.get("foreach"):
-            raise RuntimeError("`fused` and `foreach` cannot both be True")
+        self._validate_hyperparameters(defaults)   # before params are read, as torch
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -125,15 +155,26 @@ class DeepOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
         merged = {**self.defaults, **param_group}
-        if params and isinstance(params[0], tuple):   # named parameters
-            merged["param_names"], merged["params"] = [n for n, _ in params], [p for _, p in params]
-        check_range("lr", merged["lr"], 0.0)
-        check_range("weight_decay", merged["weight_decay"], 0.0)
-        check_choice("nonfinite", merged.get("nonfinite", "propagate"), _NONFINITE_POLICIES)
-        _check_state_dtype(merged.get("state_dtype"))
-        self._validate_group(merged)
+        names, merged["params"] = _split_names(params)
+        if names is not None:
+            merged["param_names"] = names
+        self._validate_hyperparameters(merged)
+        self._check_params(merged)
         self._check_fused(merged)
         super().add_param_group(param_group)
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        """The checks every rule shares, then the rule's own (:meth:`_validate_group`); needs no params."""
+        check_range("lr", group["lr"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_choice("nonfinite", group.get("nonfinite", "propagate"), _NONFINITE_POLICIES)
+        _check_state_dtype(group.get("state_dtype"))
+        if group.get("fused") and group.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        self._validate_group(group)
+
+    def _check_params(self, group: dict[str, Any]) -> None:
+        """Per-rule check of a new group's params (e.g. M3's matrices only)."""
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check a group's rule hyperparameters; raise ``ValueError`` naming the bad one."""
@@ -143,8 +184,6 @@ class DeepOptimizer(Optimizer):
         """``fused=True`` where the kernels cannot run raises here, before the group is added."""
         if not group.get("fused"):
             return
-        if group.get("foreach"):
-            raise RuntimeError("`fused` and `foreach` cannot both be True")
         if group["fused"] == "cuda":   # the optional CUDA C++ extension (deepopt/_cuda_ext.py)
             from . import _cuda_ext
             if not getattr(self, "_supports_cuda_ext", False):
@@ -184,11 +223,17 @@ class DeepOptimizer(Optimizer):
         self.__dict__["_amp_scaling_override"] = value
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)   # (torch adds "differentiable" to defaults; deepopt has no such flag)
         # state dicts written before a flag existed load with its default
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key != "differentiable":
+                    group.setdefault(key, value)
+        # older torch Adam checkpoints store "step" as a Python number; torch converts it on load
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if step is not None and not isinstance(step, Tensor):
+                param_state["step"] = new_step(step)
 
     # -- step --------------------------------------------------------------------------------
     def _collect(self, group: dict[str, Any]):
@@ -203,14 +248,11 @@ class DeepOptimizer(Optimizer):
                 raise RuntimeError(
                     f"deepopt.{type(self).__name__} does not support complex parameters (shape "
                     f"{tuple(p.shape)}); optimize torch.view_as_real(p) as a real parameter instead")
-            self._check_param(group, p)
             params.append(p)
             grads.append(p.grad)
-            states.append(self.state[p])
+            # a new param's state joins self.state only once the step filled it (see step)
+            states.append(self.state[p] if p in self.state else {})
         return params, grads, states
-
-    def _check_param(self, group: dict[str, Any], p: Tensor) -> None:
-        """Per-rule input check (e.g. M3's matrices only); raise before anything changes."""
 
     def _nonfinite_action(self, batches) -> str | None:
         """'raise' / 'skip' if a group asking for a check holds a non-finite grad, else None."""
@@ -263,6 +305,10 @@ class DeepOptimizer(Optimizer):
             if foreach is None:
                 _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
             self._update(group, params, grads, states, bool(foreach))
+        for group, (params, _, states) in batches:   # a rule that keeps no state leaves none (torch SGD)
+            for p, state in zip(params, states):
+                if state and p not in self.state:
+                    self.state[p] = state
         return loss
 
     # -- sharded params (FSDP2 / DTensor) ----------------------------------------------------

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, check_choice, check_range, resolve_state_dtype
+from ._optimizer import DeepOptimizer, check_choice, check_range, new_step, resolve_state_dtype
 
 __all__ = ["AssociativeMomentum"]
 
@@ -141,7 +141,8 @@ class AssociativeMomentum(DeepOptimizer):
         decoupled_weight_decay: ``W <- W (1 - lr * wd)`` before the update (AdamW).
         maximize: ascend instead of descend.
         foreach: use torch's multi-tensor ops (default: on for CPU/CUDA tensors).
-        fused: reserved for the fused kernels (``True`` raises in this build).
+        fused: ``True``: the Triton multi-tensor kernels (CUDA tensors, or Triton's CPU
+            interpreter); ``None``: foreach until the kernels are verified on a GPU.
         state_dtype: ``None`` = fp32 (or wider) state; ``"param"`` = the param dtype
             (torch's behaviour); or a floating ``torch.dtype``.
         nonfinite: ``"propagate"`` (default, no check, as torch), ``"skip"`` (a step with a
@@ -181,7 +182,8 @@ class AssociativeMomentum(DeepOptimizer):
             if dampening is not None:
                 check_range("dampening", dampening, 0.0, 1.0)
             if group["nesterov"] and (momentum <= 0 or (dampening or 0) != 0):
-                raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+                raise ValueError("Nesterov momentum requires a momentum and zero dampening "
+                                 "(nesterov=True needs momentum > 0 and dampening = 0)")
 
     def _state_spec(self, group, p):
         if group["preconditioner"] == "adam":
@@ -190,8 +192,7 @@ class AssociativeMomentum(DeepOptimizer):
 
     def _init_state(self, group, p, state):
         if group["preconditioner"] == "adam":
-            state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype()
-                                         if torch.get_default_dtype() == torch.float64 else torch.float32)
+            state["step"] = new_step()
             state["exp_avg"] = self._zeros(group, p)
             state["exp_avg_sq"] = self._zeros(group, p)
         # SGD value map: the memory is created by its first write (M = G)

@@ -35,7 +35,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, matrix_shape, as_matrix, check_choice, check_range, resolve_state_dtype
+from ._optimizer import DeepOptimizer, matrix_shape, as_matrix, check_choice, check_range, new_step, resolve_state_dtype
 
 __all__ = ["DeepMomentum"]
 
@@ -189,7 +189,7 @@ class DeepMomentum(DeepOptimizer):
         return self._index_of[id(p)]
 
     def _init_state(self, group, p, state):
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = new_step()
         state["momentum_buffer"] = self._zeros(group, p).contiguous()
         if p.ndim >= 2:
             cols = as_matrix(p).shape[1]

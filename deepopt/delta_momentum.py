@@ -80,7 +80,8 @@ class DeltaMomentum(DeepOptimizer):
         check_choice("keys", group["keys"], ("matrix", "spectral", "elementwise"))
         check_range("eps", group["eps"], 0.0, low_open=True)
         if group["nesterov"] and (group["momentum"] <= 0 or (group["dampening"] or 0) != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening "
+                             "(nesterov=True needs momentum > 0 and dampening = 0)")
 
     def _state_spec(self, group, p):
         return {"momentum_buffer": p.shape} if group["momentum"] != 0 else {}

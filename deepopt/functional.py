@@ -68,18 +68,6 @@ def preprocess_grad(grad: Tensor, param: Tensor, *, weight_decay: float = 0.0,
     return g
 
 
-def foreach_scale_(tensors: list[Tensor], factor) -> None:
-    """``t *= factor`` for a list of one device and dtype (decoupled weight decay).
-
-    torch's CPU foreach kernels round a Python scalar to the tensor dtype first (bf16: a decay
-    factor 0.998 becomes 0.996, twice the decay), unlike ``Tensor.mul_``; low-precision CPU lists
-    therefore take the factor as a 0-dim fp32 tensor, which matches ``mul_`` bit for bit.
-    """
-    if tensors[0].is_cpu and tensors[0].dtype in (torch.bfloat16, torch.float16) and not isinstance(factor, Tensor):
-        factor = torch.tensor(factor, dtype=torch.float32)
-    torch._foreach_mul_(tensors, factor)
-
-
 def decay_and_preprocess(param: Tensor, grad: Tensor, *, lr, weight_decay: float, maximize: bool,
                          decoupled_weight_decay: bool) -> Tensor:
     """DESIGN §2's pre-processing for one param: decoupled weight decay ``p *= 1 - lr * wd`` (in
@@ -93,12 +81,15 @@ def decay_and_preprocess(param: Tensor, grad: Tensor, *, lr, weight_decay: float
 
 def decay_and_preprocess_foreach(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay: float,
                                  maximize: bool, decoupled_weight_decay: bool) -> list[Tensor]:
-    """:func:`decay_and_preprocess` over lists of one device and dtype (torch's foreach op order)."""
+    """:func:`decay_and_preprocess` over lists of one device and dtype, op for op as torch's foreach
+    paths. On CPU, torch's foreach kernels round a Python scalar to a bf16/fp16 list's dtype (a decay
+    factor 0.998 becomes 0.996); this keeps that rounding, so the foreach path equals torch's foreach
+    path and the for-loop equals torch's for-loop, in every dtype."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
         if decoupled_weight_decay:
-            foreach_scale_(params, 1 - lr * weight_decay)
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
     return grads

@@ -31,7 +31,7 @@ from torch import nn
 from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, as_matrix, check_choice, check_range
+from ._optimizer import DeepOptimizer, as_matrix, check_choice, check_range, new_step
 from .associative_momentum import _multi_tensor_adam, _single_tensor_adam
 
 __all__ = ["M3"]
@@ -84,7 +84,7 @@ def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_d
         torch._foreach_addcmul_(exp_avg_sqs, device_grads, device_grads, 1 - beta2)
         torch._foreach_add_(chunk_sums, device_grads)
         if weight_decay != 0:
-            Fn.foreach_scale_(device_params, 1 - lr * weight_decay)
+            torch._foreach_mul_(device_params, 1 - lr * weight_decay)   # as torch's foreach AdamW
         for i, (p, g) in enumerate(zip(device_params, device_grads)):
             _m3_update_(p, g, states[indices[i]], lr=lr, momentum=momentum, lerp=lerp, **rule)
 
@@ -183,6 +183,10 @@ class M3(DeepOptimizer):
         if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
             raise ValueError(f"invalid ns_steps={group['ns_steps']!r}: must be an int in [1, 99]")
         check_choice("adjust_lr", group["adjust_lr"], (None, "original", "match_rms_adamw"))
+
+    def _check_params(self, group):
+        if group["algorithm"] != "m3":
+            return
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
             if p.ndim < 2:
@@ -202,7 +206,7 @@ class M3(DeepOptimizer):
                 "slow_buffer": p.shape, "slow_output": p.shape}
 
     def _init_state(self, group, p, state):
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = new_step()
         for key in self._state_spec(group, p):
             if key != "step":
                 state[key] = self._zeros(group, p).contiguous()

@@ -84,9 +84,16 @@ class MultiFrequency(Optimizer):
     * ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's (live views, so LR
       schedulers and ``load_state_dict`` stay consistent). No per-level lr scaling is applied:
       give each group the lr it should have.
+    * Each group's step counter is its own key ``group["mf_step"]``, so it stays with its group
+      when groups are reordered, copied or removed.
     * :meth:`state_dict` is the inner's with each accumulated sum under the parameter's state
-      key ``"mf_grad_sum"`` and each group's step counter as ``"mf_step"``; :meth:`load_state_dict`
-      strips them before handing the rest to the inner optimizer. Resuming is bit-identical.
+      key ``"mf_grad_sum"`` (the groups carry ``"mf_step"``); :meth:`load_state_dict` strips the
+      ``mf_`` keys before handing the rest to the inner optimizer, then restores them.
+      Resuming is bit-identical.
+    * torch's global step hooks (``register_optimizer_step_pre_hook`` / ``_post_hook``) fire once
+      per wrapper step, for the wrapper; the inner's own hooks fire on each inner step.
+    * A ``nonfinite="skip"``/``"raise"`` policy of a deepopt inner sees only the groups that are
+      due: gradients of the other groups are accumulated unchecked.
     * ``_step_supports_amp_scaling`` is always ``False``: ``GradScaler`` unscales through
       ``param_groups`` and skips the whole wrapper step on inf/NaN, so counters and sums do not
       move on a skipped step.
@@ -130,7 +137,8 @@ class MultiFrequency(Optimizer):
         self.inner = inner
         self.reduce = reduce
         self._grad_sums: dict[torch.Tensor, torch.Tensor] = {}
-        self._counters: list[int] = [0] * len(inner.param_groups)
+        for group in inner.param_groups:
+            group.setdefault(_STEP_KEY, 0)   # the counter lives in its group, so it moves with it
         self._init_hooks()
         self._patch_step_function()
 
@@ -178,7 +186,6 @@ class MultiFrequency(Optimizer):
             "inner": self.inner,
             "reduce": self.reduce,
             "_grad_sums": self._grad_sums,
-            "_counters": self._counters,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -196,19 +203,32 @@ class MultiFrequency(Optimizer):
             _check_period(
                 param_group.get("update_every", 1), f"param group {len(self.param_groups)}"
             )
-        self._sync_counters()
         self.inner.add_param_group(param_group)
-        self._sync_counters()
+        self.param_groups[-1].setdefault(_STEP_KEY, 0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
-    def _sync_counters(self) -> None:
-        n = len(self.param_groups)
-        if len(self._counters) < n:
-            self._counters.extend([0] * (n - len(self._counters)))
-        elif len(self._counters) > n:
-            del self._counters[n:]
+    def _step_inner(self) -> None:
+        """``inner.step()`` without torch's global step hooks: those fire once per wrapper step
+        (on the wrapper), not a second time on the inner. The inner's own hooks still run."""
+        inner = self.inner
+        unhooked = getattr(type(inner).step, "__wrapped__", None)
+        patched = vars(inner).get("step")
+        if unhooked is None or (patched is not None and not hasattr(patched, "_wrapped_by_lr_sched")):
+            inner.step()   # not torch's hook wrapper, or patched by someone else: call it as it is
+            return
+        args, kwargs = (), {}
+        for hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = hook(inner, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        unhooked(inner, *args, **kwargs)
+        inner._optimizer_step_code()
+        for hook in list(inner._optimizer_step_post_hooks.values()):
+            hook(inner, args, kwargs)
+        if patched is not None:   # an LR scheduler built on the inner counts this step
+            inner._opt_called = True
 
     # ----------------------------------------------------------------- the step
     def _reduced_grad(
@@ -242,12 +262,10 @@ class MultiFrequency(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        groups = self.param_groups
-        self._sync_counters()
         plan = []
-        for i, group in enumerate(groups):
+        for i, group in enumerate(self.param_groups):
             period = _check_period(group.get("update_every", 1), f"param group {i}")
-            plan.append((group, period, (self._counters[i] + 1) % period == 0))
+            plan.append((group, period, (group.setdefault(_STEP_KEY, 0) + 1) % period == 0))
 
         saved: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         with torch.no_grad():
@@ -273,13 +291,13 @@ class MultiFrequency(Optimizer):
                                     )
                                 saved.append((p, p.grad))
                                 p.grad = None
-                self.inner.step()
+                self._step_inner()
             finally:
                 for p, grad in reversed(saved):
                     p.grad = grad
 
             # The inner step succeeded: commit sums and counters.
-            for i, (group, period, due) in enumerate(plan):
+            for group, period, due in plan:
                 for p in group["params"]:
                     if due:
                         self._grad_sums.pop(p, None)
@@ -292,7 +310,7 @@ class MultiFrequency(Optimizer):
                         self._grad_sums[p] = grad.detach().to(_acc_dtype(grad.dtype), copy=True)
                     else:
                         acc.add_(grad.to(acc.dtype))
-                self._counters[i] += 1
+                group[_STEP_KEY] += 1
         return loss
 
     # ----------------------------------------------------------------- checkpoints
@@ -301,13 +319,12 @@ class MultiFrequency(Optimizer):
         (per group). Tensors are references, as in torch: copy before training on."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        self._sync_counters()
-        inner_sd = self.inner.state_dict()
+        inner_sd = self.inner.state_dict()   # its groups carry their mf_step
         state = dict(inner_sd["state"])
         packed_groups = []
-        for i, (group, packed) in enumerate(zip(self.param_groups, inner_sd["param_groups"])):
+        for group, packed in zip(self.param_groups, inner_sd["param_groups"]):
             packed = dict(packed)
-            packed[_STEP_KEY] = int(self._counters[i])
+            packed[_STEP_KEY] = int(group.get(_STEP_KEY, 0))
             packed_groups.append(packed)
             for p, idx in zip(group["params"], packed["params"]):
                 acc = self._grad_sums.get(p)
@@ -372,12 +389,13 @@ class MultiFrequency(Optimizer):
         inner_sd["state"] = inner_state
         inner_sd["param_groups"] = inner_groups
         self.inner.load_state_dict(inner_sd)
+        for group, step in zip(self.param_groups, counters):
+            group[_STEP_KEY] = step
         with torch.no_grad():
             self._grad_sums = {
                 p: acc.detach().to(device=p.device, dtype=_acc_dtype(p.dtype), copy=True)
                 for p, acc in sums.items()
             }
-        self._counters = counters
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 
 import deepopt
 from _util import clone_params
-from test_contract import ALL, CONFIGS
+from test_contract import ALL, CONFIGS, shapes_for
+from optim_db import BY_NAME, OPTIMIZER_NAMES
+
+
+def matrices_only(name):
+    return all(len(s) >= 2 for s in BY_NAME[name].shapes)
 
 
 def _finite(params):
@@ -24,8 +29,7 @@ def test_extreme_gradient_magnitudes_stay_finite(name, log_scale, seed, foreach)
     """Gradients from 1e-30 to 1e18 (fp32; beyond ~1e19 the squared gradient of Adam-like second
     moments overflows, in torch's Adam too) never produce inf/NaN parameters or state."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(4, 3), (2, 3, 2, 2)] if name == "m3" else [(4, 3), (5,), (2, 3, 2, 2)]
-    params = clone_params([torch.randn(s, generator=gen) for s in shapes])
+    params = clone_params([torch.randn(s, generator=gen) for s in shapes_for(name)])
     opt = CONFIGS[name](params, foreach=foreach)
     for _ in range(3):
         for p in params:
@@ -39,7 +43,7 @@ def test_extreme_gradient_magnitudes_stay_finite(name, log_scale, seed, foreach)
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("foreach", [False, True])
 def test_empty_and_zero_dim_params(name, foreach):
-    if name == "m3":
+    if matrices_only(name):
         params = clone_params([torch.randn(0, 3), torch.randn(4, 0), torch.randn(3, 4)])
     else:
         params = clone_params([torch.randn(()), torch.randn(0), torch.randn(0, 3), torch.randn(3, 4)])
@@ -52,7 +56,7 @@ def test_empty_and_zero_dim_params(name, foreach):
     assert not torch.equal(params[-1], params[-1].detach().clone().zero_())
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)   # (a wrapper's entry has two groups)
 def test_mixed_dtypes_in_one_group(name):
     """fp32, fp64, bf16 and fp16 params in one group: each equals the rule run on it alone."""
     shapes = [(4, 3), (3, 5), (2, 3, 2, 2), (6, 2)]

@@ -55,12 +55,10 @@ def test_associative_momentum_adam_is_adam_or_adamw(shapes, dtype, lr, b1, b2, w
     ours = dict(lr=lr, momentum=b1, beta2=b2, weight_decay=wd, maximize=maximize, foreach=fe, eps=eps,
                 decoupled_weight_decay=decoupled, preconditioner="adam")
     oracle = torch.optim.AdamW if decoupled else torch.optim.Adam
-    # torch's CPU foreach kernels round the decoupled decay factor to bf16 (deepopt's do not,
-    # see deepopt._optimizer.foreach_scale_): there the oracle is torch's for-loop
-    oracle_fe = fe and not (dtype == torch.bfloat16 and decoupled and wd != 0)
+    # the rule: deepopt's foreach path equals torch's foreach path, the for-loop torch's for-loop
     a, b, *_ = run_side_by_side(
         lambda p: deepopt.AssociativeMomentum(p, **ours, **state_kw(dtype)),
-        lambda p: oracle(p, lr=lr, betas=(b1, b2), weight_decay=wd, maximize=maximize, foreach=oracle_fe, eps=eps),
+        lambda p: oracle(p, lr=lr, betas=(b1, b2), weight_decay=wd, maximize=maximize, foreach=fe, eps=eps),
         shapes, dtype=dtype, scheduler=step_lr)
     assert_equal_params(a, b)
 
