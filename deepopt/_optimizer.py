@@ -1,161 +1,76 @@
-"""The base class every deepopt optimizer shares: the torch.optim contract in one place.
+"""The base class every deepopt optimizer shares: the torch.optim contract and the one dispatch point.
 
-A subclass supplies three things and nothing else:
+A subclass supplies its rule and nothing else:
 
-* ``_state_spec(group, param)``: the state a parameter will hold, ``{key: shape}``
-  (used to check a checkpoint before loading it);
+* ``_rule(group)``: the rule's implementations (:class:`Rule`: for-loop, foreach, and where
+  they exist the Triton and CUDA C++ paths) and the keyword arguments they all take;
+* ``_state_spec(group, param)``: the state a parameter will hold, ``{key: shape}`` (checked
+  before a checkpoint loads);
 * ``_init_state(group, param, state)``: create that state on the parameter's first step;
-* ``_update(group, params, grads, states, foreach)``: the rule, calling the functional core.
+* ``_validate_group(group)`` (hyperparameters, before params are read) and, if needed,
+  ``_check_params(group)`` and ``_needs_whole_matrices(group)``.
 
-Everything around the rule lives here: gradient collection and input checks done before any
-tensor changes (a failed step leaves no half-updated parameter), the non-finite gradient policy,
-the state dtype (fp32 state for low-precision params, kept across ``load_state_dict``),
-checkpoint validation, and the ``foreach`` / ``fused`` dispatch point.
+Here, once for every rule: gradient collection and input checks before any tensor changes (a
+failed step leaves no half-updated parameter), the non-finite gradient policy, the state dtype
+(fp32 state for low-precision params, kept across ``load_state_dict``), the choice of
+implementation from ``foreach`` / ``fused`` / ``fused_backend`` and the tensors, per-group
+``lr_ratio``, and groups with ``algorithm="adamw"`` (the Adam rule of
+:mod:`deepopt.associative_momentum`), so that a matrix rule and AdamW for the rest are one
+optimizer. Checkpoint checks live in :mod:`deepopt._checkpoint`, sharded params in
+:mod:`deepopt._distributed`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
-from . import _triton
+from . import _checkpoint, _distributed, _triton
+from ._state import new_step, resolve_state_dtype
+from ._validation import check_choice, check_range, check_state_dtype, split_names
 
 _NONFINITE_POLICIES = ("propagate", "skip", "raise")
+_FUSED_BACKENDS = ("triton", "cuda")
+#: what an ``algorithm="adamw"`` group uses when the optimizer's defaults have no such key
+ADAMW_GROUP_FALLBACKS = dict(beta2=0.999, eps=1e-8)
 
 
-# ----------------------------------------------------------------------------- validation
-# torch's wording where torch has a message for the same check ("Invalid learning rate: -1")
-_TORCH_LABELS = {"lr": "learning rate", "eps": "epsilon value", "beta2": "beta parameter at index 1"}
+class Rule(NamedTuple):
+    """The implementations of one rule. Each takes ``(params, grads, states, *, state_dtype,
+    **hyperparameters)``; the fused ones also take ``amp = (grad_scale, found_inf)`` or None."""
+    forloop: Callable
+    foreach: Callable
+    fused: Callable | None = None   # Triton multi-tensor kernels (deepopt/_triton.py)
+    cuda: Callable | None = None    # the CUDA C++ extension (csrc/, deepopt/_cuda_ext.py)
 
 
-def check_range(name: str, value: Any, low: float, high: float = math.inf, *,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` and its range unless ``low <= value <= high``
-    (open ends as asked). The message starts as torch's does for the same check."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-        number = value.item()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    below = number <= low if low_open else number < low
-    above = number >= high if high_open else number > high
-    if math.isnan(number) or below or above:
-        left = "(" if low_open else "["
-        right = ")" if high_open or high == math.inf else "]"
-        label = _TORCH_LABELS.get(name, f"{name} value")
-        raise ValueError(f"Invalid {label}: {value} ({name} must lie in {left}{low}, {high}{right})")
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name} value: {value!r} ({name} must be one of {choices})")
-
-
-def resolve_state_dtype(state_dtype: Any, param: Tensor) -> torch.dtype:
-    """``None``: fp32 or wider (``promote_types(param.dtype, float32)``); ``"param"``: the
-    param's own dtype (torch's behaviour); or an explicit floating ``torch.dtype``."""
-    if state_dtype is None:
-        if param.is_complex():
-            return torch.promote_types(param.dtype, torch.complex64)
-        return torch.promote_types(param.dtype, torch.float32)
-    if state_dtype == "param":
-        return param.dtype
-    return state_dtype
-
-
-def _check_state_dtype(state_dtype: Any) -> None:
-    if state_dtype is None or state_dtype == "param":
-        return
-    if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
-        raise ValueError(f"Invalid state_dtype value: {state_dtype!r} (state_dtype must be None, 'param' "
-                         "or a floating torch.dtype)")
-
-
-def new_step(value: float = 0.0) -> Tensor:
-    """A step counter as torch's Adam keeps it: a CPU scalar tensor, fp64 under a float64
-    default dtype and fp32 otherwise."""
-    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return torch.tensor(float(value), dtype=dtype)
-
-
-def _split_names(params: list) -> tuple[list | None, list]:
-    """``(names, tensors)`` of a group's params: all ``(name, tensor)`` pairs or all tensors."""
-    named = [isinstance(p, tuple) for p in params]
-    if not any(named):
-        return None, params
-    if not all(named):
-        first_plain = named.index(False) if named[0] else named.index(True)
-        raise ValueError(
-            "all optimizer params should be with/without names. Some param names are missing: "
-            f"params[0] is {'a (name, tensor) pair' if named[0] else 'a tensor'}, params[{first_plain}] "
-            f"is {'a tensor' if named[0] else 'a (name, tensor) pair'}")
-    for i, pair in enumerate(params):
-        if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], Tensor):
-            raise ValueError(f"params[{i}] must be a (str, Tensor) pair, got {tuple(type(x).__name__ for x in pair)}")
-    return [n for n, _ in params], [p for _, p in params]
-
-
-def matrix_shape(t: Tensor) -> tuple[int, int]:
-    """(rows, cols) of the matrix view: 2-D as is, conv weights as (out, in*kh*kw)."""
-    return t.shape[0], math.prod(t.shape[1:])
-
-
-def as_matrix(t: Tensor) -> Tensor:
-    """The matrix view used by the matrix rules (a view where the layout allows)."""
-    return t if t.ndim == 2 else t.reshape(matrix_shape(t))
-
-
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
-def _shard_like(whole: Tensor, like: Tensor) -> Tensor:
-    """A DTensor with ``like``'s mesh and placements from a whole (replicated) tensor; the
-    Replicate -> Shard redistribution is a local slice, no communication."""
-    from torch.distributed.tensor import DTensor, Replicate
-    mesh = like.device_mesh
-    replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return replicated.redistribute(mesh, like.placements)
-
-
-def _local_shard(whole: Tensor, like: Tensor) -> Tensor:
-    return _shard_like(whole, like).to_local()
-
-
-def _broadcast_(t: Tensor, source: int, process_group, device: torch.device) -> None:
-    """In-place broadcast; tensors kept elsewhere (a CPU step counter with NCCL) travel via ``device``."""
-    import torch.distributed as dist
-    buffer = t if t.device == device else t.to(device)
-    dist.broadcast(buffer, src=source, group=process_group)
-    if buffer is not t:
-        t.copy_(buffer)
-
-
-# ----------------------------------------------------------------------------- base class
 class DeepOptimizer(Optimizer):
     """Shared machinery; see the module docstring. Not part of the public API."""
 
     #: the rule supports complex params through ``torch.view_as_real`` (elementwise rules only)
     _supports_complex = False
+    #: the ``algorithm`` a group runs unless it says ``"adamw"`` (M3 names its own)
+    _algorithm: str | None = None
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         self._validate_hyperparameters(defaults)   # before params are read, as torch
         super().__init__(params, defaults)
 
+    # -- groups and their checks --------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters (with the defaults filled in) are validated first."""
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
+        if param_group.get("algorithm") == "adamw":
+            for key, value in ADAMW_GROUP_FALLBACKS.items():
+                param_group.setdefault(key, self.defaults.get(key, value))
+            param_group.setdefault("dampening", None)   # AdamW writes at 1 - momentum, whatever the rule's default
         merged = {**self.defaults, **param_group}
-        names, merged["params"] = _split_names(params)
+        names, merged["params"] = split_names(params)
         if names is not None:
             merged["param_names"] = names
         self._validate_hyperparameters(merged)
@@ -164,49 +79,95 @@ class DeepOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        """The checks every rule shares, then the rule's own (:meth:`_validate_group`); needs no params."""
+        """The checks every rule shares, then the rule's own; needs no params."""
         check_range("lr", group["lr"], 0.0)
+        check_range("lr_ratio", group.get("lr_ratio", 1.0), 0.0, low_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_choice("nonfinite", group.get("nonfinite", "propagate"), _NONFINITE_POLICIES)
-        _check_state_dtype(group.get("state_dtype"))
-        if group.get("fused") and group.get("foreach"):
+        check_state_dtype(group.get("state_dtype"))
+        fused = group.get("fused")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"Invalid fused value: {fused!r} (fused must be True, False or None; "
+                             "choose the CUDA C++ kernels with fused_backend='cuda')")
+        check_choice("fused_backend", group.get("fused_backend", "triton"), _FUSED_BACKENDS)
+        if fused and group.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        self._validate_group(group)
-
-    def _check_params(self, group: dict[str, Any]) -> None:
-        """Per-rule check of a new group's params (e.g. M3's matrices only)."""
+        algorithm = group.get("algorithm", self._algorithm)
+        check_choice("algorithm", algorithm, (self._algorithm, "adamw"))
+        if algorithm == "adamw":
+            _validate_adamw_group(group)
+        else:
+            self._validate_group(group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check a group's rule hyperparameters; raise ``ValueError`` naming the bad one."""
 
-    # -- fused kernels (deepopt/_triton.py) ---------------------------------------------------
+    def _check_params(self, group: dict[str, Any]) -> None:
+        """Per-rule check of a new group's params (e.g. M3's matrices only)."""
+
     def _check_fused(self, group: dict[str, Any]) -> None:
         """``fused=True`` where the kernels cannot run raises here, before the group is added."""
         if not group.get("fused"):
             return
-        if group["fused"] == "cuda":   # the optional CUDA C++ extension (deepopt/_cuda_ext.py)
+        rule = self._rule_of(group)[0]
+        if group.get("fused_backend", "triton") == "cuda":
             from . import _cuda_ext
-            if not getattr(self, "_supports_cuda_ext", False):
-                raise RuntimeError(f"fused='cuda': the CUDA C++ kernels cover AssociativeMomentum only; "
-                                   f"use fused=True (Triton) for deepopt.{type(self).__name__}")
+            if rule.cuda is None:
+                raise RuntimeError(f"fused_backend='cuda': the CUDA C++ kernels cover AssociativeMomentum only; "
+                                   f"use the Triton backend for deepopt.{type(self).__name__}")
             reason = _cuda_ext.unavailable_reason(group["params"])
+            if reason is None and any(resolve_state_dtype(group.get("state_dtype"), p) != torch.float32
+                                      for p in group["params"]):
+                reason = "the CUDA C++ kernels keep fp32 state (state_dtype=None with fp32/bf16/fp16 params)"
             if reason is not None:
-                raise RuntimeError(f"fused='cuda': {reason}")
+                raise RuntimeError(f"fused_backend='cuda': {reason}")
             return
-        reason = "params are DTensors (FSDP2); use foreach" if any(_is_dtensor(p) for p in group["params"]) \
+        reason = "params are DTensors (FSDP2); use foreach" if any(map(_distributed.is_dtensor, group["params"])) \
             else _triton.unavailable_reason(group["params"])
         if reason is not None:
             raise RuntimeError(f"fused=True: deepopt.{type(self).__name__} cannot use its fused kernels: "
-                               f"{reason}. Use fused=None (default: fused on CUDA, else foreach) or foreach=True")
+                               f"{reason}. Use fused=None (default) or foreach=True")
 
-    def _fused_group(self, group: dict[str, Any]) -> bool:
-        """``fused=True``: the Triton kernels; ``None``: them for CUDA tensors (with Triton
-        installed and ``foreach`` not set), else foreach; ``False``: never."""
+    # -- the one dispatch point ---------------------------------------------------------------
+    def _rule(self, group: dict[str, Any]) -> tuple[Rule, dict[str, Any]]:
+        """The rule of a group and its hyperparameters (``lr`` included)."""
+        raise NotImplementedError
+
+    def _rule_of(self, group: dict[str, Any]) -> tuple[Rule, dict[str, Any]]:
+        if group.get("algorithm") == "adamw":
+            from .associative_momentum import ADAM
+            rule, hyper = ADAM, dict(lr=group["lr"], beta1=group["momentum"], beta2=group["beta2"],
+                                     eps=group["eps"], weight_decay=group["weight_decay"],
+                                     maximize=group["maximize"], decoupled_weight_decay=True)
+        else:
+            rule, hyper = self._rule(group)
+        ratio = group.get("lr_ratio", 1.0)
+        if ratio != 1.0:   # (ratio 1 leaves lr untouched: the exact reductions stay exact)
+            hyper["lr"] = hyper["lr"] * ratio
+        return rule, hyper
+
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        """``"fused"`` (``fused=True``, or ``None`` on CUDA tensors once the kernels are the
+        default there), ``"foreach"`` (``foreach=True``, or ``None`` where torch would) or ``"forloop"``."""
         fused = group.get("fused")
         if fused is None:
-            return (group.get("foreach") is None and _triton.auto_fused(group["params"])
-                    and not any(_is_dtensor(p) for p in group["params"]))
-        return bool(fused)
+            fused = (group.get("foreach") is None and self._rule_of(group)[0].fused is not None
+                     and _triton.auto_fused(params) and not any(map(_distributed.is_dtensor, params)))
+        if fused:
+            return "fused"
+        foreach = group["foreach"]
+        if foreach is None:
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        return "foreach" if foreach else "forloop"
+
+    def _update(self, group, params, grads, states, implementation: str, amp=None) -> None:
+        rule, hyper = self._rule_of(group)
+        hyper["state_dtype"] = group["state_dtype"]
+        if implementation == "fused":
+            fn = rule.cuda if group.get("fused_backend", "triton") == "cuda" else rule.fused
+            fn(params, grads, states, amp=amp, **hyper)
+        else:
+            getattr(rule, implementation)(params, grads, states, **hyper)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -216,24 +177,11 @@ class DeepOptimizer(Optimizer):
         if override is not None:
             return override
         groups = self.__dict__.get("param_groups") or []
-        return bool(groups) and all(self._fused_group(g) for g in groups)
+        return bool(groups) and all(self._implementation(g, g["params"]) == "fused" for g in groups)
 
     @_step_supports_amp_scaling.setter
     def _step_supports_amp_scaling(self, value) -> None:
         self.__dict__["_amp_scaling_override"] = value
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)   # (torch adds "differentiable" to defaults; deepopt has no such flag)
-        # state dicts written before a flag existed load with its default
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                if key != "differentiable":
-                    group.setdefault(key, value)
-        # older torch Adam checkpoints store "step" as a Python number; torch converts it on load
-        for param_state in self.state.values():
-            step = param_state.get("step")
-            if step is not None and not isinstance(step, Tensor):
-                param_state["step"] = new_step(step)
 
     # -- step --------------------------------------------------------------------------------
     def _collect(self, group: dict[str, Any]):
@@ -244,7 +192,7 @@ class DeepOptimizer(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"deepopt.{type(self).__name__} does not support sparse gradients")
-            if p.is_complex() and not self._supports_complex:
+            if p.is_complex() and not (self._supports_complex or group.get("algorithm") == "adamw"):
                 raise RuntimeError(
                     f"deepopt.{type(self).__name__} does not support complex parameters (shape "
                     f"{tuple(p.shape)}); optimize torch.view_as_real(p) as a real parameter instead")
@@ -289,81 +237,51 @@ class DeepOptimizer(Optimizer):
                 continue
             for p, state in zip(params, states):
                 if len(state) == 0:
-                    self._init_state(group, p, state)
+                    self._init_group_state(group, p, state)
             # rules compute in the state dtype (bf16 grads -> fp32 G with fp32 state; a no-op otherwise)
             grads = [g.to(resolve_state_dtype(group["state_dtype"], p)) for p, g in zip(params, grads)]
-            if self._needs_whole_matrices(group) and any(_is_dtensor(p) for p in params):
-                self._update_gathered(group, params, grads, states)
+            if group.get("algorithm") != "adamw" and self._needs_whole_matrices(group) \
+                    and any(map(_distributed.is_dtensor, params)):
+                _distributed.update_gathered(
+                    params, grads, states,
+                    lambda ps, gs, sts: self._update(group, ps, gs, sts, "forloop"),
+                    lambda p: self._group_state_spec(group, p))
                 continue
-            if self._fused_group(group):
-                amp = None
-                if self._step_supports_amp_scaling and getattr(self, "found_inf", None) is not None:
-                    amp = (getattr(self, "grad_scale", None), self.found_inf)
-                self._update(group, params, grads, states, False, fused=True, amp=amp)
-                continue
-            foreach = group["foreach"]
-            if foreach is None:
-                _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-            self._update(group, params, grads, states, bool(foreach))
+            implementation = self._implementation(group, params)
+            amp = None
+            if implementation == "fused" and self._step_supports_amp_scaling \
+                    and getattr(self, "found_inf", None) is not None:
+                amp = (getattr(self, "grad_scale", None), self.found_inf)
+            self._update(group, params, grads, states, implementation, amp)
         for group, (params, _, states) in batches:   # a rule that keeps no state leaves none (torch SGD)
             for p, state in zip(params, states):
                 if state and p not in self.state:
                     self.state[p] = state
         return loss
 
-    # -- sharded params (FSDP2 / DTensor) ----------------------------------------------------
     def _needs_whole_matrices(self, group: dict[str, Any]) -> bool:
-        """True for rules that need each matrix whole (an MLP over full rows, Newton-Schulz).
-        Elementwise rules and DeltaMomentum's matrix keys run on DTensor shards as they are."""
+        """True for rules that need each matrix whole (an MLP over full rows, Newton-Schulz)."""
         return False
 
-    def _update_gathered(self, group, params, grads, states) -> None:
-        """Run the rule on whole matrices gathered from their shards, then keep each rank's shard.
-
-        Each sharded param, grad and param-shaped state is all-gathered. On a 1-D mesh the
-        matrix work is spread round-robin, as distributed Muon does: rank ``i % world`` computes
-        the ``i``-th matrix's update and broadcasts the whole param and state (replicated state such as
-        the MLP memory included). On other meshes every rank computes every update.
-        """
-        import torch.distributed as dist
-        matrices = 0
-        for p, g, state in zip(params, grads, states):
-            if not _is_dtensor(p) or p.ndim < 2:   # vectors take the elementwise fallback, on shards
-                self._update(group, [p], [g], [state], False)
-                continue
-            i, matrices = matrices, matrices + 1
-            whole_p, whole_g = p.full_tensor(), g.full_tensor()
-            whole_state = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in state.items()}
-            mesh = p.device_mesh
-            if mesh.ndim == 1 and mesh.size() > 1 and set(whole_state) == set(self._state_spec(group, p)):
-                process_group, owner = mesh.get_group(), i % mesh.size()
-                if mesh.get_local_rank() == owner:
-                    self._update(group, [whole_p], [whole_g], [whole_state], False)
-                source = dist.get_global_rank(process_group, owner)
-                for t in [whole_p] + [whole_state[k] for k in sorted(whole_state)]:
-                    _broadcast_(t, source, process_group, whole_p.device)
-            else:
-                self._update(group, [whole_p], [whole_g], [whole_state], False)
-            p.to_local().copy_(_local_shard(whole_p, p))
-            for key, value in whole_state.items():
-                current = state.get(key)
-                if _is_dtensor(current):
-                    current.to_local().copy_(_local_shard(value, current))
-                elif current is None and value.shape == whole_p.shape:   # created by the rule
-                    state[key] = _shard_like(value, p)
-                else:
-                    state[key] = value
-
-    # -- subclass interface ------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------------
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _update(self, group, params, grads, states, foreach: bool, *, fused: bool = False, amp=None) -> None:
-        """``fused=True``: the Triton path; ``amp = (grad_scale, found_inf)`` from GradScaler or None."""
-        raise NotImplementedError
+    def _group_state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, tuple[int, ...]]:
+        if group.get("algorithm") == "adamw":
+            return {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}
+        return self._state_spec(group, p)
+
+    def _init_group_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        if group.get("algorithm") == "adamw":
+            state["step"] = new_step()
+            state["exp_avg"] = self._zeros(group, p)
+            state["exp_avg_sq"] = self._zeros(group, p)
+        else:
+            self._init_state(group, p, state)
 
     def _zeros(self, group: dict[str, Any], p: Tensor, shape=None) -> Tensor:
         dtype = resolve_state_dtype(group["state_dtype"], p)
@@ -371,7 +289,20 @@ class DeepOptimizer(Optimizer):
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)   # (torch adds "differentiable" to defaults; deepopt has no such flag)
+        # state dicts written before a flag existed load with its default
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "differentiable":
+                    group.setdefault(key, value)
+        # older torch Adam checkpoints store "step" as a Python number; torch converts it on load
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if step is not None and not isinstance(step, Tensor):
+                param_state["step"] = new_step(step)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking every param's state keys and shapes.
 
@@ -380,47 +311,18 @@ class DeepOptimizer(Optimizer):
         mismatch and leaves this optimizer as it was. Floating state keeps its own dtype
         (fp32 state for bf16 params stays fp32; torch would cast it to the param dtype).
         """
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, "
-                f"this optimizer has {len(self.param_groups)}")
-        targets: dict[Any, tuple[Tensor, dict[str, Any], str]] = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"loaded state dict's parameter group {gi} has {len(saved['params'])} params, "
-                    f"this optimizer's has {len(group['params'])}")
-            merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
-            for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
-                targets[pid] = (p, merged, f"param {pi} of group {gi} (shape {tuple(p.shape)})")
-        for pid, saved_state in state_dict["state"].items():
-            if pid not in targets or not saved_state:
-                continue
-            p, merged, where = targets[pid]
-            spec = self._state_spec(merged, p)
-            keys, expected = set(saved_state), set(spec)
-            if keys != expected:
-                raise ValueError(
-                    f"deepopt.{type(self).__name__}.load_state_dict: {where} has state keys "
-                    f"{sorted(keys)}, expected {sorted(expected)} (missing {sorted(expected - keys)}, "
-                    f"unexpected {sorted(keys - expected)}); is this another optimizer's checkpoint?")
-            for key, shape in spec.items():
-                value = saved_state[key]
-                got = tuple(value.shape) if isinstance(value, Tensor) else ()
-                if key != "step" and got != tuple(shape):
-                    raise ValueError(
-                        f"deepopt.{type(self).__name__}.load_state_dict: {where}: state "
-                        f"'{key}' has shape {got}, expected {tuple(shape)}")
+        targets = _checkpoint.targets_of(self, state_dict)
+        _checkpoint.check_state(self, state_dict, targets)
         super().load_state_dict(state_dict)
-        # undo torch's cast of floating state to the param dtype, from the original tensors
-        for pid, saved_state in state_dict["state"].items():
-            if pid not in targets:
-                continue
-            p, merged, _ = targets[pid]
-            dtype = resolve_state_dtype(merged.get("state_dtype"), p)
-            state = self.state[p]
-            for key, value in saved_state.items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point() \
-                        and state[key].dtype != dtype:
-                    state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+        _checkpoint.restore_state_dtypes(self, state_dict, targets)
+
+
+def _validate_adamw_group(group: dict[str, Any]) -> None:
+    """An ``algorithm="adamw"`` group: AdamW with ``betas = (momentum, beta2)``."""
+    check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+    check_range("beta2", group["beta2"], 0.0, 1.0, high_open=True)
+    check_range("eps", group["eps"], 0.0)
+    dampening = group.get("dampening")
+    if dampening is not None and dampening != group["momentum"]:
+        raise ValueError(f"Invalid dampening value: {dampening} (an algorithm='adamw' group writes at rate "
+                         "1 - momentum: leave dampening None)")

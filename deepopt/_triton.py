@@ -1,9 +1,11 @@
-r"""Fused multi-tensor update kernels (Triton) for every deepopt optimizer.
+r"""deepopt's multi-tensor apply for Triton: the launcher every rule's fused path uses.
 
-One launch per (device, param dtype, state dtype) group and step: the kernel walks a *table*
-instead of one launch per parameter. The table is one int64 tensor
+A rule's fused path (``_fused_*`` in its own module) groups its tensors and calls
+:func:`launch` with one of the kernels of :mod:`deepopt._triton_kernels`. One launch per
+(device, param dtype, state dtype, mode) group and step: the kernel walks a *table* instead of
+one launch per parameter. The table is one int64 tensor
 
-    [ pointers (n_lists x n_tensors) | sizes (n) | modes (n) | chunk -> tensor (C) | chunk -> start (C) ]
+    [ pointers (n_lists x n_tensors) | sizes (n) | chunk -> tensor (C) | chunk -> start (C) ]
 
 plus, where a rule needs them, per-tensor fp32 columns. Every program of the launch processes
 ``ITERS`` chunks of ``BLOCK`` elements (chunk ``pid + i * n_programs``); a chunk looks up its
@@ -48,9 +50,9 @@ BLOCK_INTERPRETER = 256
 #: programs per launch under the interpreter (each program instance costs ~2 ms there)
 MAX_PROGRAMS_INTERPRETER = 64
 
-# modes of the momentum kernel (low bits) and its "write only" flag
+# the momentum kernel's writes, one compile-time MODE per launch (their one home: the kernels
+# read these numbers from here)
 MODE_WRITE, MODE_FIRST, MODE_DELTA_ELEMENTWISE, MODE_DELTA_MATRIX = 0, 1, 2, 3
-MODE_NO_FINISH = 8
 
 
 # ----------------------------------------------------------------------------- availability
@@ -108,7 +110,7 @@ def _kernels(interpret: bool) -> dict:
     return mod.KERNELS
 
 
-def _tl_dtype(dtype: torch.dtype):
+def tl_dtype(dtype: torch.dtype):
     import triton.language as tl
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.float64: tl.float64}[dtype]
@@ -133,17 +135,17 @@ _table_cache: dict[Any, Tensor] = {}   # a pure function of its key: safe to sha
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def _table(rows: list[list[int]], sizes: list[int], modes: list[int] | None, device, block):
-    """(pointer table, sizes, modes, chunk table, n_chunks) for one launch, as device views of one
-    int64 buffer; the buffer is cached by content (pointers, sizes, modes) so a step whose
-    tensors did not move (data_ptr) or change reuses it."""
+def _table(rows: list[list[int]], sizes: list[int], device, block):
+    """(pointer table, sizes, chunk table, n_chunks) for one launch, as device views of one
+    int64 buffer; the buffer is cached by content (pointers, sizes) so a step whose tensors did
+    not move (data_ptr) or change reuses it."""
     n = len(sizes)
-    key = (device, block, tuple(sizes), tuple(modes) if modes else None, *(tuple(r) for r in rows))
+    key = (device, block, tuple(sizes), *(tuple(r) for r in rows))
     hit = _table_cache.get(key)
     tensor_of, start_of = _chunk_lists(tuple(sizes), block)
     c = len(tensor_of)
     if hit is None:
-        flat = [x for r in rows for x in r] + list(sizes) + (modes or [0] * n) + tensor_of + start_of
+        flat = [x for r in rows for x in r] + list(sizes) + tensor_of + start_of
         host = torch.tensor(flat, dtype=torch.int64)
         if device.type == "cuda":
             hit = host.pin_memory().to(device, non_blocking=True)
@@ -154,7 +156,7 @@ def _table(rows: list[list[int]], sizes: list[int], modes: list[int] | None, dev
         _table_cache[key] = hit
     k = len(rows)
     ptrs, rest = hit[:k * n], hit[k * n:]
-    return ptrs, rest[:n], rest[n:2 * n], rest[2 * n:], c
+    return ptrs, rest[:n], rest[n:], c
 
 
 def _floats(values: list[float], device) -> Tensor:
@@ -166,9 +168,8 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _launch(name: str, lists: list[list[Tensor | None]], args: tuple, consts: dict, *,
-            modes: list[int] | None = None, cols: list[list[float]] | None = None,
-            per_tensor: Tensor | None = None) -> None:
+def launch(name: str, lists: list[list[Tensor | None]], args: tuple, consts: dict, *,
+           cols: list[list[float]] | None = None, per_tensor: Tensor | None = None) -> None:
     """Launch kernel ``name`` over ``lists`` (row 0 decides sizes), split by TABLE_CAPACITY.
 
     ``cols``: per-tensor fp32 columns, passed (concatenated, column-major) right after the
@@ -185,7 +186,7 @@ def _launch(name: str, lists: list[list[Tensor | None]], args: tuple, consts: di
         hi = min(total, lo + cap)
         sizes = [t.numel() for t in lists[0][lo:hi]]
         rows = [[_ptr(t) for t in row[lo:hi]] for row in lists]
-        ptrs, sz, md, chunks, n_chunks = _table(rows, sizes, modes[lo:hi] if modes else None, device, block)
+        ptrs, sz, chunks, n_chunks = _table(rows, sizes, device, block)
         if n_chunks == 0:
             continue
         if device.type == "cpu":
@@ -201,11 +202,11 @@ def _launch(name: str, lists: list[list[Tensor | None]], args: tuple, consts: di
             extra.append(per_tensor[lo:hi])
         # Triton's interpreter patches module-level state while it runs a kernel: one at a time
         with _INTERPRETER_LOCK if device.type == "cpu" else contextlib.nullcontext():
-            kern[(nprog,)](ptrs, sz, md, chunks, hi - lo, n_chunks, nprog, *extra, *args,
+            kern[(nprog,)](ptrs, sz, chunks, hi - lo, n_chunks, nprog, *extra, *args,
                            ITERS=iters, BLOCK=block, **consts)
 
 
-def _lr_args(lr, device):
+def lr_args(lr, device):
     """(float lr or 0.0, lr tensor on device or a dummy, LR_TENSOR)."""
     if isinstance(lr, Tensor):
         t = lr.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
@@ -213,7 +214,7 @@ def _lr_args(lr, device):
     return float(lr), None, False
 
 
-def _dummy(device) -> Tensor:
+def dummy(device) -> Tensor:
     return _dummies(device)
 
 
@@ -222,33 +223,43 @@ def _dummies(device) -> Tensor:
     return torch.zeros(1, device=device)
 
 
-def _amp_args(amp, device):
+def amp_args(amp, device):
     scale, inf = (amp or (None, None))
-    d = _dummy(device)
+    d = dummy(device)
     return (scale.to(device) if scale is not None else d, inf.to(device) if inf is not None else d,
             scale is not None, inf is not None)
 
 
-def _skip_on_host(amp) -> bool:
+def skip_on_host(amp) -> bool:
     """For rules with host-side matrix work: one host read of found_inf (True: skip the step)."""
     if amp is None or amp[1] is None:
         return False
     return bool(amp[1].item() != 0)
 
 
-def _grouped(params, grads, states, state_dtype_of):
+def grouped(params, state_dtype) -> dict[Any, list[int]]:
     """Indices of params grouped by (device, param dtype, state dtype)."""
+    from ._state import resolve_state_dtype
     groups: dict[Any, list[int]] = {}
     for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype, state_dtype_of(p)), []).append(i)
+        groups.setdefault((p.device, p.dtype, resolve_state_dtype(state_dtype, p)), []).append(i)
     return groups
 
 
-def _dense(tensors: list[Tensor]) -> list[Tensor]:
+def launch_by_mode(name: str, lists: list[list[Tensor | None]], modes: list[int], args: tuple, consts: dict,
+                   *, per_tensor: Tensor | None = None) -> None:
+    """:func:`launch` once per distinct ``modes`` value, with ``MODE`` a compile-time constant."""
+    for mode in sorted(set(modes)):
+        pick = [j for j, md in enumerate(modes) if md == mode]
+        launch(name, [[row[j] for j in pick] for row in lists], args, {**consts, "MODE": mode},
+               per_tensor=None if per_tensor is None else per_tensor[pick])
+
+
+def dense(tensors: list[Tensor]) -> list[Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-class _Contig:
+class Contiguous:
     """Contiguous stand-ins for non-contiguous tensors, written back on ``done()``."""
 
     def __init__(self):
@@ -266,107 +277,19 @@ class _Contig:
             t.copy_(c)
 
 
-def _real(t):
+def real(t):
     return torch.view_as_real(t) if t is not None and t.is_complex() else t
 
 
-# ----------------------------------------------------------------------------- public wrappers
-def _wd_mode(weight_decay, decoupled):
+# ----------------------------------------------------------------------------- shared pieces
+def wd_mode(weight_decay, decoupled):
+    """0: none; 1: coupled (in G); 2: decoupled (p *= 1 - lr wd)."""
     if weight_decay == 0:
         return 0
     return 2 if decoupled else 1
 
 
-def fused_momentum_(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                    decoupled_weight_decay, state_dtype_of, amp=None, delta=0.0, keys="elementwise",
-                    eps=1e-8, zero_init=False, finish_matrices=True):
-    """AssociativeMomentum (SGD value map), DeltaMomentum (both key modes) and the momentum part
-    of DeepMomentum (``zero_init=True``: ``M`` exists and the write is ``lerp`` when d == a).
-
-    Returns, for DeepMomentum with ``finish_matrices=False``, nothing: matrices only get the
-    memory write (the caller finishes them with :func:`fused_apply_`).
-    """
-    from . import functional as Fn
-
-    lerp = zero_init and dampening == momentum
-    write_rate = 1 - momentum if lerp else 1 - dampening
-    for (device, p_dtype, s_dtype), idx in _grouped(params, grads, states, state_dtype_of).items():
-        fix = _Contig()
-        ps = [fix(_real(params[i])) for i in idx]
-        gs = _dense([_real(grads[i]) for i in idx])
-        scale_t, inf_t, has_scale, has_inf = _amp_args(amp, device)
-        modes = [MODE_WRITE] * len(idx)
-        bufs: list[Tensor | None] = [None] * len(idx)
-        rs: list[Tensor | None] = [None] * len(idx)
-        if momentum != 0 or zero_init:
-            firsts = []
-            for j, i in enumerate(idx):
-                buf = states[i].get("momentum_buffer")
-                if buf is None:
-                    buf = states[i]["momentum_buffer"] = torch.empty_like(
-                        grads[i], dtype=s_dtype, memory_format=torch.contiguous_format)
-                    modes[j] = MODE_FIRST
-                    firsts.append(i)
-                bufs[j] = fix(_real(buf))
-            if firsts and has_inf and _skip_on_host(amp):
-                for i in firsts:   # a skipped first step must not leave a memory behind
-                    del states[i]["momentum_buffer"]
-                continue
-        matrix_delta = delta != 0 and keys != "elementwise"
-        elem_delta = delta != 0
-        rms = None
-        if matrix_delta:
-            if _skip_on_host(amp):
-                continue
-            for j, i in enumerate(idx):
-                if modes[j] == MODE_FIRST or params[i].ndim < 2:
-                    continue
-                g = grads[i]
-                if has_scale:
-                    g = g / amp[0].to(g.device)
-                g = Fn.preprocess_grad(g, params[i], weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-                                       maximize=maximize)
-                buf = bufs[j]
-                rs[j] = Fn._delta_retention(buf.view(buf.shape[0], -1), g.reshape(g.shape[0], -1), momentum,
-                                            delta, keys, eps).view(buf.shape)
-                modes[j] = MODE_DELTA_MATRIX
-        if elem_delta:
-            for j in range(len(idx)):
-                if modes[j] == MODE_WRITE:
-                    modes[j] = MODE_DELTA_ELEMENTWISE
-            rms = _rms_plus_eps(ps, gs, weight_decay if not decoupled_weight_decay else 0.0, maximize,
-                                scale_t, has_scale, eps, device)
-        else:
-            rms = torch.ones(len(idx), device=device)
-        if zero_init and not finish_matrices:
-            modes = [md | (MODE_NO_FINISH if params[i].ndim >= 2 else 0) for md, i in zip(modes, idx)]
-        lr_f, lr_t, lr_tensor = _lr_args(lr, device)
-        decay = 1 - lr_f * weight_decay if not lr_tensor else 0.0
-        dummy = _dummy(device)
-        _launch("momentum", [ps, gs, bufs, rs],
-                (lr_f, lr_t if lr_tensor else dummy, scale_t, inf_t,
-                 float(momentum), float(write_rate), float(delta), float(weight_decay), float(decay)),
-                dict(P_DT=_tl_dtype(ps[0].dtype), G_DT=_tl_dtype(gs[0].dtype), S_DT=_tl_dtype(s_dtype),
-                     MAXIMIZE=maximize, WD_MODE=_wd_mode(weight_decay, decoupled_weight_decay),
-                     HAS_MOMENTUM=momentum != 0 or zero_init, NESTEROV=bool(nesterov), LERP=lerp,
-                     W_SMALL=abs(write_rate) < 0.5, A_SMALL=abs(momentum) < 0.5, LR_TENSOR=lr_tensor,
-                     HAS_SCALE=has_scale, HAS_INF=has_inf),
-                modes=modes, per_tensor=rms)
-        fix.done()
-
-
-def _rms_plus_eps(ps, gs, coupled_wd, maximize, scale_t, has_scale, eps, device) -> Tensor:
-    """Per tensor ``rms(G) + eps`` of the pre-processed gradient (one multi-tensor reduction)."""
-    acc = torch.zeros(len(ps), device=device, dtype=torch.float32)
-    _launch("sumsq", [ps, gs], (float(coupled_wd), scale_t),
-            dict(P_DT=_tl_dtype(ps[0].dtype), G_DT=_tl_dtype(gs[0].dtype), MAXIMIZE=bool(maximize),
-                 COUPLED_WD=coupled_wd != 0, HAS_SCALE=has_scale), per_tensor=acc)
-    sizes = torch.tensor([max(1, p.numel()) for p in ps], dtype=torch.float32)
-    sizes = sizes.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else sizes
-    return (acc / sizes).sqrt_().add_(eps)
-
-
-def _device_steps(states, idx, device) -> list[Tensor]:
+def device_steps(states, idx, device) -> list[Tensor]:
     """The ``step`` counters of ``idx`` as fp32 tensors on ``device`` (moved there once)."""
     steps = []
     for i in idx:
@@ -377,7 +300,7 @@ def _device_steps(states, idx, device) -> list[Tensor]:
     return steps
 
 
-def _count_steps(steps: list[Tensor], amp) -> None:
+def count_steps(steps: list[Tensor], amp) -> None:
     """``step += 1``, undone by ``found_inf`` (device ops only)."""
     if not steps:
         return
@@ -390,149 +313,35 @@ def _count_steps(steps: list[Tensor], amp) -> None:
         torch._foreach_sub_(steps, [inf] * len(steps))
 
 
-def fused_adam_(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, maximize,
-                decoupled_weight_decay, state_dtype_of, amp=None):
-    """AssociativeMomentum(preconditioner="adam") and M3's AdamW groups: torch's Adam/AdamW."""
-    w1, w2 = 1 - beta1, 1 - beta2
-    for (device, p_dtype, s_dtype), idx in _grouped(params, grads, states, state_dtype_of).items():
-        fix = _Contig()
-        ps = [fix(_real(params[i])) for i in idx]
-        gs = _dense([_real(grads[i]) for i in idx])
-        ms = [fix(_real(states[i]["exp_avg"])) for i in idx]
-        vs = [fix(_real(states[i]["exp_avg_sq"])) for i in idx]
-        steps = _device_steps(states, idx, device)
-        _count_steps(steps, amp)
-        scale_t, inf_t, has_scale, has_inf = _amp_args(amp, device)
-        lr_f, lr_t, lr_tensor = _lr_args(lr, device)
-        hp = _hyper(device, float(beta1), float(beta2))
-        _launch("adam", [ps, gs, ms, vs, steps],
-                (hp, lr_f, lr_t if lr_tensor else _dummy(device), scale_t, inf_t, float(w1), float(w2),
-                 float(eps), float(weight_decay)),
-                dict(P_DT=_tl_dtype(ps[0].dtype), G_DT=_tl_dtype(gs[0].dtype), S_DT=_tl_dtype(ms[0].dtype),
-                     MAXIMIZE=bool(maximize), WD_MODE=_wd_mode(weight_decay, decoupled_weight_decay),
-                     W_SMALL=abs(w1) < 0.5, LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf))
-        fix.done()
-
-
 @functools.lru_cache(maxsize=64)
-def _hyper(device, *values: float) -> Tensor:
+def hyper(device, *values: float) -> Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def fused_apply_(params, updates, *, lr, lr_scales, weight_decay, state_dtype, amp=None, slow=None,
+def apply_update_(params, updates, *, lr, lr_scales, weight_decay, state_dtype, amp=None, slow=None,
                  slow_weight=0.0, exp_avg_sqs=None, bias_corrections2=None, eps=0.0):
-    """``p <- p (1 - lr wd) - lr * scale_t * U`` over matrices of one device and dtype, with
+    """The last step of the matrix rules (DeepMomentum, M3), one launch:
+    ``p <- p (1 - lr wd) - lr * scale_t * U`` over matrices of one device and dtype, with
     ``U = X [+ slow_weight * O] [/ (sqrt(S / bc2_t) + eps)]`` (DeepMomentum's and M3's last step).
     ``updates`` (X) share one dtype (bf16 after Newton-Schulz, or the state dtype)."""
     if not params:
         return
     device = params[0].device
-    fix = _Contig()
+    fix = Contiguous()
     ps = [fix(p) for p in params]
-    xs = _dense(updates)
-    lr_f, lr_t, lr_tensor = _lr_args(lr, device)
+    xs = dense(updates)
+    lr_f, lr_t, lr_tensor = lr_args(lr, device)
     first = [s if lr_tensor else lr_f * s for s in lr_scales]
     cols = [first, bias_corrections2 if bias_corrections2 is not None else [1.0] * len(ps)]
-    _, inf_t, _, has_inf = _amp_args(amp, device)
+    _, inf_t, _, has_inf = amp_args(amp, device)
     has_slow = slow is not None and slow_weight != 0
     precond = exp_avg_sqs is not None
     none = [None] * len(ps)
-    _launch("apply", [ps, xs, slow if has_slow else none, exp_avg_sqs if precond else none],
-            (lr_f, lr_t if lr_tensor else _dummy(device), inf_t, float(weight_decay),
+    launch("apply", [ps, xs, slow if has_slow else none, exp_avg_sqs if precond else none],
+            (lr_f, lr_t if lr_tensor else dummy(device), inf_t, float(weight_decay),
              float(1 - lr_f * weight_decay), float(slow_weight), float(eps)),
-            dict(P_DT=_tl_dtype(ps[0].dtype), X_DT=_tl_dtype(xs[0].dtype), S_DT=_tl_dtype(state_dtype),
+            dict(P_DT=tl_dtype(ps[0].dtype), X_DT=tl_dtype(xs[0].dtype), S_DT=tl_dtype(state_dtype),
                  HAS_WD=weight_decay != 0, HAS_SLOW=has_slow, PRECOND=precond, LR_TENSOR=lr_tensor,
                  HAS_INF=has_inf),
             cols=cols)
     fix.done()
-
-
-def fused_deep_momentum_(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov,
-                         maximize, decoupled_weight_decay, state_dtype_of, amp=None, **rule):
-    """DeepMomentum: one launch writes every memory (and finishes the ndim < 2 params); the MLP
-    memory and Newton-Schulz run as torch ops per matrix; one more launch updates the matrices."""
-    from . import functional as Fn
-    from .deep_momentum import _update_of
-
-    lerp = dampening == momentum
-    has_matrices = any(p.ndim >= 2 for p in params)
-    if has_matrices and _skip_on_host(amp):
-        return
-    for _, idx in _grouped(params, grads, states, state_dtype_of).items():
-        _count_steps(_device_steps(states, idx, params[idx[0]].device), amp)
-    if not has_matrices:
-        fused_momentum_(params, grads, states, lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay, state_dtype_of=state_dtype_of,
-                        amp=amp, zero_init=True)
-        return
-    # the matrices need G itself (keys, the MLP's targets): unscale and pre-process it once
-    scale = amp[0] if amp is not None else None
-    gs = [g / scale.to(g.device) if scale is not None else g for g in grads]
-    gs = [Fn.preprocess_grad(g, p, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-                             maximize=maximize) for g, p in zip(gs, params)]
-    fused_momentum_(params, gs, states, lr=lr, momentum=momentum, dampening=dampening,
-                    weight_decay=weight_decay if decoupled_weight_decay else 0.0, nesterov=nesterov,
-                    maximize=False, decoupled_weight_decay=True, state_dtype_of=state_dtype_of,
-                    zero_init=True, finish_matrices=False)
-    by_group: dict[Any, tuple[list, list, list]] = {}
-    for p, g, state in zip(params, gs, states):
-        if p.ndim < 2:
-            continue
-        u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-        u, step_lr = _update_of(p, g, u, state, lr=1.0, **rule)
-        entry = by_group.setdefault((p.device, p.dtype, u.dtype, state_dtype_of(p)), ([], [], []))
-        entry[0].append(p)
-        entry[1].append(u)
-        entry[2].append(float(step_lr))
-    for (_, _, _, s_dtype), (ps, us, scales) in by_group.items():
-        fused_apply_(ps, us, lr=lr, lr_scales=scales,
-                     weight_decay=weight_decay if decoupled_weight_decay else 0.0, state_dtype=s_dtype)
-
-
-def fused_m3_(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize, nesterov,
-              slow_momentum, beta2, slow_weight, chunk, eps, precondition, ns_steps, adjust_lr,
-              state_dtype_of, amp=None):
-    """M3: one launch for the every-step writes (M1, S, A, decay); the chunk-boundary update of the
-    slow memory and both Newton-Schulz calls as torch ops; one launch for the update."""
-    from . import functional as Fn
-    from ._optimizer import as_matrix
-
-    if _skip_on_host(amp):
-        return
-    lerp = dampening == momentum
-    write_rate = 1 - momentum if lerp else 1 - dampening
-    scale = amp[0] if amp is not None else None
-    for (device, p_dtype, s_dtype), idx in _grouped(params, grads, states, state_dtype_of).items():
-        ps = [params[i] for i in idx]
-        gs = [grads[i] / scale.to(device) if scale is not None else grads[i] for i in idx]
-        gs = _dense([-g if maximize else g for g in gs])
-        sts = [states[i] for i in idx]
-        steps = [s["step"] for s in sts]
-        torch._foreach_add_(steps, 1)   # host counters: the chunk schedule is decided on the host
-        lr_f, lr_t, lr_tensor = _lr_args(lr, device)
-        fix = _Contig()
-        fps = [fix(p) for p in ps]
-        _launch("m3_write", [fps, gs, [s["momentum_buffer"] for s in sts], [s["exp_avg_sq"] for s in sts],
-                             [s["chunk_sum"] for s in sts]],
-                (lr_f, lr_t if lr_tensor else _dummy(device), _dummy(device), _dummy(device), float(momentum),
-                 float(write_rate), float(beta2), float(weight_decay), float(1 - lr_f * weight_decay)),
-                dict(P_DT=_tl_dtype(p_dtype), G_DT=_tl_dtype(gs[0].dtype), S_DT=_tl_dtype(s_dtype), LERP=lerp,
-                     W_SMALL=abs(write_rate) < 0.5, HAS_WD=weight_decay != 0, LR_TENSOR=lr_tensor,
-                     HAS_SCALE=False, HAS_INF=False))
-        fix.done()
-        xs, scales, bcs = [], [], []
-        for p, g, state in zip(ps, gs, sts):
-            t = int(state["step"].item())   # a CPU counter: no device sync
-            if t % chunk == 0:
-                slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)
-                state["slow_output"].copy_(Fn.newton_schulz(as_matrix(slow), steps=ns_steps).reshape(p.shape))
-                state["chunk_sum"].zero_()
-            u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-            xs.append(Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape))
-            scales.append(float(Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape)))
-            bcs.append(1 - beta2 ** t)
-        fused_apply_(ps, xs, lr=lr, lr_scales=scales, weight_decay=0.0, state_dtype=s_dtype,
-                     slow=[s["slow_output"] for s in sts], slow_weight=slow_weight,
-                     exp_avg_sqs=[s["exp_avg_sq"] for s in sts] if precondition else None,
-                     bias_corrections2=bcs, eps=eps)

@@ -1,13 +1,15 @@
 """The Triton kernels of :mod:`deepopt._triton` (imported on first use: it imports triton).
 
 Every kernel walks one multi-tensor table (see :mod:`deepopt._triton`): argument prefix
-``(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog)``, then its own arguments; each program
+``(ptrs, sizes, chunks, n_tensors, n_chunks, nprog)``, then its own arguments; each program
 runs ``ITERS`` chunks of ``BLOCK`` elements. All arithmetic is fp32 (fp64 for Adam's bias
 corrections); stores are masked off when ``found_inf`` is set.
 """
 
 import triton
 import triton.language as tl
+
+from deepopt import _triton as _launcher
 
 
 @triton.jit
@@ -91,7 +93,7 @@ def _ok(m, offs, inf_ptr, HAS_INF: tl.constexpr):
 
 # -- sum of squares of the pre-processed gradient, per tensor (delta-rule elementwise keys)
 @triton.jit
-def sumsq_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, acc, wd, scale_ptr,
+def sumsq_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, acc, wd, scale_ptr,
                  P_DT: tl.constexpr, G_DT: tl.constexpr, MAXIMIZE: tl.constexpr,
                  COUPLED_WD: tl.constexpr, HAS_SCALE: tl.constexpr, ITERS: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -102,57 +104,86 @@ def sumsq_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, 
                              scale_ptr, wd, HAS_SCALE, G_DT, MAXIMIZE, COUPLED_WD, False)
         tl.atomic_add(acc + t, tl.sum(g * g, 0), mask=valid)
 
-# -- the momentum family: SGD convention, zero-init convention, delta-rule writes
+# -- one helper per formula (the Python home of each is deepopt/functional.py) ----------------
 @triton.jit
-def momentum_kernel(ptrs, sizes, modes, chunks, n_tensors, n_chunks, nprog, rms,
+def _momentum_write(b, g, momentum, write_rate, LERP: tl.constexpr, W_SMALL: tl.constexpr):
+    # functional.momentum_write_: M <- a M + (1 - d) G, or M.lerp_(G, 1 - a) (zero-init, d == a)
+    if LERP:
+        return _lerp(b, g, write_rate, W_SMALL)
+    else:
+        return b * momentum + write_rate * g
+
+@triton.jit
+def _nesterov_readout(g, b, momentum, LERP: tl.constexpr, A_SMALL: tl.constexpr):
+    # functional.momentum_readout with nesterov: G + a M, or G.lerp(M, a)
+    if LERP:
+        return _lerp(g, b, momentum, A_SMALL)
+    else:
+        return g + momentum * b
+
+@triton.jit
+def _second_moment(v, g, beta2, one_minus_beta2):
+    # S <- beta2 S + (1 - beta2) G^2 (Adam's exp_avg_sq, M3's S)
+    return v * beta2 + one_minus_beta2 * (g * g)
+
+@triton.jit
+def _elementwise_delta_retention(g, rms_plus_eps, momentum, delta):
+    # functional.delta_forget_, elementwise keys: max(a - delta k^2, 0), k = g / (rms(G) + eps)
+    k = g / rms_plus_eps
+    return tl.maximum(momentum - delta * (k * k), 0.0)
+
+# -- the momentum family: SGD convention, zero-init convention, delta-rule writes.
+# MODE (a compile-time constant per launch): the write of this launch's tensors.
+# (numbers from deepopt._triton, their one home: WRITE M <- a M + (1 - d) G; FIRST M <- G, the SGD
+# convention's first step; DELTA_MATRIX M <- a M - delta R + (1 - d) G, R = (M Gh^T) Gh from torch)
+MODE_WRITE = tl.constexpr(_launcher.MODE_WRITE)
+MODE_FIRST = tl.constexpr(_launcher.MODE_FIRST)
+MODE_DELTA_ELEMENTWISE = tl.constexpr(_launcher.MODE_DELTA_ELEMENTWISE)
+MODE_DELTA_MATRIX = tl.constexpr(_launcher.MODE_DELTA_MATRIX)
+
+@triton.jit
+def momentum_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, rms,
                     lr, lr_ptr, scale_ptr, inf_ptr, momentum, write_rate, delta, wd, decay,
-                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                    NESTEROV: tl.constexpr, LERP: tl.constexpr, W_SMALL: tl.constexpr,
-                    A_SMALL: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_INF: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, MODE: tl.constexpr,
+                    FINISH: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+                    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, LERP: tl.constexpr,
+                    W_SMALL: tl.constexpr, A_SMALL: tl.constexpr, LR_TENSOR: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lr_v = _lr(lr, lr_ptr, LR_TENSOR)
     decay_v = _decay_factor(lr_v, wd, decay, LR_TENSOR)
     for i in range(ITERS):
         t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
-        mode = tl.load(modes + t, mask=valid, other=0)
         st = _ok(m, offs, inf_ptr, HAS_INF)
         p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
         g, p = _preprocessed(p_ptr, ptrs, n_tensors, t, valid, offs, m, scale_ptr, wd, HAS_SCALE, G_DT,
-                             MAXIMIZE, WD_MODE == 1, True)
+                             MAXIMIZE, WD_MODE == 1, FINISH)
+        u = g
         if HAS_MOMENTUM:
             b_ptr = _ptr(ptrs, 2, n_tensors, t, valid, S_DT)
-            b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            kind = mode % 8
-            if LERP:
-                nb = _lerp(b, g, write_rate, W_SMALL)
+            if MODE == MODE_FIRST:
+                nb = g
             else:
-                nb = b * momentum + write_rate * g
-            # delta rule, elementwise keys: retention max(a - delta k^2, 0), k = g / (rms + eps)
-            k = g / tl.load(rms + t, mask=valid, other=1.0)
-            ret = tl.maximum(momentum - delta * (k * k), 0.0)
-            nb = tl.where(kind == 2, b * ret + write_rate * g, nb)
-            # delta rule, matrix keys: retention term R = (M Gh^T) Gh from torch
-            r_ptr = _ptr(ptrs, 3, n_tensors, t, valid, S_DT)
-            r = tl.load(r_ptr + offs, mask=m & ((offs * 0 + kind) == 3), other=0.0).to(tl.float32)
-            nb = tl.where(kind == 3, (b * momentum - delta * r) + write_rate * g, nb)
-            nb = tl.where(kind == 1, g, nb)
+                b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                if MODE == MODE_DELTA_ELEMENTWISE:
+                    ret = _elementwise_delta_retention(g, tl.load(rms + t, mask=valid, other=1.0), momentum, delta)
+                    nb = b * ret + write_rate * g
+                elif MODE == MODE_DELTA_MATRIX:
+                    r = tl.load(_ptr(ptrs, 3, n_tensors, t, valid, S_DT) + offs, mask=m, other=0.0).to(tl.float32)
+                    nb = (b * momentum - delta * r) + write_rate * g
+                else:
+                    nb = _momentum_write(b, g, momentum, write_rate, LERP, W_SMALL)
             nb = nb.to(S_DT).to(tl.float32)
             tl.store(b_ptr + offs, nb.to(S_DT), mask=st)
             if NESTEROV:
-                if LERP:
-                    u = _lerp(g, nb, momentum, A_SMALL)
-                else:
-                    u = g + momentum * nb
+                u = _nesterov_readout(g, nb, momentum, LERP, A_SMALL)
             else:
                 u = nb
-        else:
-            u = g
-        if WD_MODE == 2:
-            p = p * decay_v
-        p = p + (-lr_v) * u
-        tl.store(p_ptr + offs, p.to(P_DT), mask=st & ((offs * 0 + mode) < 8))  # block-shaped masks (triton 3.9 interpreter)
+        if FINISH:   # (matrices of DeepMomentum take only the write here; apply_kernel finishes them)
+            if WD_MODE == 2:
+                p = p * decay_v
+            p = p + (-lr_v) * u
+            tl.store(p_ptr + offs, p.to(P_DT), mask=st)
 
 # -- Adam / AdamW (the adam value map; M3's AdamW groups)
 @triton.jit
@@ -167,7 +198,7 @@ def _pow(b, e):
     return r
 
 @triton.jit
-def adam_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, hp,
+def adam_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, hp,
                 lr, lr_ptr, scale_ptr, inf_ptr, w1, w2, eps, wd,
                 P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                 MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr, W_SMALL: tl.constexpr,
@@ -196,7 +227,7 @@ def adam_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, h
         ma = tl.load(m_ptr + offs, mask=m, other=0.0).to(tl.float32)
         va = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
         ma = _lerp(ma, g, w1, W_SMALL).to(S_DT).to(tl.float32)
-        va = (va * beta2.to(tl.float32) + w2 * (g * g)).to(S_DT).to(tl.float32)
+        va = _second_moment(va, g, beta2.to(tl.float32), w2).to(S_DT).to(tl.float32)
         denom = tl.sqrt(va) / bc2_sqrt + eps
         p = p + (-step_size) * (ma / denom)
         tl.store(m_ptr + offs, ma.to(S_DT), mask=st)
@@ -205,7 +236,7 @@ def adam_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, h
 
 # -- M3's every-step writes: M1, S, A and the decoupled decay
 @triton.jit
-def m3_write_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog,
+def m3_write_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog,
                     lr, lr_ptr, scale_ptr, inf_ptr, momentum, write_rate, beta2, wd, decay,
                     P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                     LERP: tl.constexpr, W_SMALL: tl.constexpr, HAS_WD: tl.constexpr,
@@ -222,12 +253,8 @@ def m3_write_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, npro
         s_ptr = _ptr(ptrs, 3, n_tensors, t, valid, S_DT)
         a_ptr = _ptr(ptrs, 4, n_tensors, t, valid, S_DT)
         b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        if LERP:
-            b = _lerp(b, g, write_rate, W_SMALL)
-        else:
-            b = b * momentum + write_rate * g
-        s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        s = s * beta2 + (1.0 - beta2) * (g * g)
+        b = _momentum_write(b, g, momentum, write_rate, LERP, W_SMALL)
+        s = _second_moment(tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32), g, beta2, 1.0 - beta2)
         a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32) + g
         tl.store(b_ptr + offs, b.to(S_DT), mask=st)
         tl.store(s_ptr + offs, s.to(S_DT), mask=st)
@@ -239,7 +266,7 @@ def m3_write_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, npro
 
 # -- the last step of the matrix rules: p <- p * decay - lr_t * (X [+ w O] [/ (sqrt(S/bc2_t)+eps)])
 @triton.jit
-def apply_kernel(ptrs, sizes, modes_unused, chunks, n_tensors, n_chunks, nprog, cols,
+def apply_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, cols,
                  lr, lr_ptr, inf_ptr, wd, decay, slow_weight, eps,
                  P_DT: tl.constexpr, X_DT: tl.constexpr, S_DT: tl.constexpr,
                  HAS_WD: tl.constexpr, HAS_SLOW: tl.constexpr, PRECOND: tl.constexpr,

@@ -34,8 +34,13 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import Optimizer, _to_scalar
 
+from . import _triton as T
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, matrix_shape, as_matrix, check_choice, check_range, new_step, resolve_state_dtype
+from ._optimizer import DeepOptimizer, Rule
+from ._state import new_step, resolve_state_dtype
+from ._validation import check_choice, check_range
+from .associative_momentum import _fused_momentum
+from .functional import as_matrix, matrix_shape
 
 __all__ = ["DeepMomentum"]
 
@@ -61,7 +66,7 @@ def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_l
 
 
 def _single_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay,
-                                 nesterov, maximize, decoupled_weight_decay, **rule):
+                                 nesterov, maximize, decoupled_weight_decay, state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
     for p, grad, state in zip(params, grads, states):
@@ -76,7 +81,7 @@ def _single_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampeni
 
 
 def _multi_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay,
-                                nesterov, maximize, decoupled_weight_decay, **rule):
+                                nesterov, maximize, decoupled_weight_decay, state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
     lists = [params, grads, [s["momentum_buffer"] for s in states], [s["step"] for s in states]]
@@ -87,18 +92,56 @@ def _multi_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampenin
             decoupled_weight_decay=decoupled_weight_decay)
         torch._foreach_add_(steps, 1)
         Fn.momentum_write_foreach_(bufs, device_grads, momentum, dampening, lerp=lerp)
-        if not nesterov:
-            updates = bufs
-        elif lerp:
-            updates = torch._foreach_lerp(device_grads, bufs, momentum)
-        else:
-            updates = torch._foreach_add(device_grads, bufs, alpha=momentum)
+        updates = Fn.momentum_readout_foreach(device_grads, bufs, momentum, nesterov=nesterov, lerp=lerp)
         if all(p.ndim < 2 for p in device_params) and rule["adjust_lr"] is None:
             torch._foreach_add_(device_params, updates, alpha=-lr)
             continue
         for i, (p, g, u) in enumerate(zip(device_params, device_grads, updates)):
             u, step_lr = _update_of(p, g, u, states[indices[i]], lr=lr, **rule)
             p.add_(u, alpha=-step_lr)
+
+
+def _fused_deep_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov,
+                         maximize, decoupled_weight_decay, state_dtype, amp=None, **rule):
+    """One momentum-kernel launch writes every memory (and finishes the ndim < 2 params); the
+    MLP memory and Newton-Schulz run as torch ops per matrix; one apply launch updates them."""
+    lerp = dampening == momentum
+    has_matrices = any(p.ndim >= 2 for p in params)
+    if has_matrices and T.skip_on_host(amp):
+        return
+    for _, idx in T.grouped(params, state_dtype).items():
+        T.count_steps(T.device_steps(states, idx, params[idx[0]].device), amp)
+    if not has_matrices:
+        _fused_momentum(params, grads, states, lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay, state_dtype=state_dtype,
+                        amp=amp, zero_init=True)
+        return
+    # the matrices need G itself (keys, the MLP's targets): unscale and pre-process it once
+    scale = amp[0] if amp is not None else None
+    gs = [g / scale.to(g.device) if scale is not None else g for g in grads]
+    gs = [Fn.preprocess_grad(g, p, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+                             maximize=maximize) for g, p in zip(gs, params)]
+    _fused_momentum(params, gs, states, lr=lr, momentum=momentum, dampening=dampening,
+                    weight_decay=weight_decay if decoupled_weight_decay else 0.0, nesterov=nesterov,
+                    maximize=False, decoupled_weight_decay=True, state_dtype=state_dtype,
+                    zero_init=True, finish_matrices=False)
+    by_group: dict = {}
+    for p, g, state in zip(params, gs, states):
+        if p.ndim < 2:
+            continue
+        u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
+        u, step_lr = _update_of(p, g, u, state, lr=1.0, **rule)
+        entry = by_group.setdefault((p.device, p.dtype, u.dtype, resolve_state_dtype(state_dtype, p)), ([], [], []))
+        entry[0].append(p)
+        entry[1].append(u)
+        entry[2].append(float(step_lr))
+    for (_, _, _, s_dtype), (ps, us, scales) in by_group.items():
+        T.apply_update_(ps, us, lr=lr, lr_scales=scales,
+                        weight_decay=weight_decay if decoupled_weight_decay else 0.0, state_dtype=s_dtype)
+
+
+DEEP_MOMENTUM = Rule(_single_tensor_deep_momentum, _multi_tensor_deep_momentum, _fused_deep_momentum)
 
 
 class DeepMomentum(DeepOptimizer):
@@ -201,18 +244,7 @@ class DeepMomentum(DeepOptimizer):
             state["mlp_in"] = mlp_in.to(device=p.device, dtype=dtype)
             state["mlp_out"] = torch.zeros(cols, group["hidden"], device=p.device, dtype=dtype)
 
-    def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
-        fn = _multi_tensor_deep_momentum if foreach else _single_tensor_deep_momentum
-        if fused:   # Triton multi-tensor kernels around the MLP / Newton-Schulz torch ops
-            from functools import partial
-
-            from . import _triton
-            from ._optimizer import resolve_state_dtype
-            fn = partial(_triton.fused_deep_momentum_, amp=amp,
-                         state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
-        fn(params, grads, states, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-           weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
-           decoupled_weight_decay=group["decoupled_weight_decay"], objective=group["objective"],
-           output=group["output"], key_norm=group["key_norm"], eps=group["eps"],
-           memory_lr=group["memory_lr"], memory_decay=group["memory_decay"], adjust_lr=group["adjust_lr"],
-           ns_steps=group["ns_steps"])
+    def _rule(self, group):
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "decoupled_weight_decay",
+                "objective", "output", "key_norm", "eps", "memory_lr", "memory_decay", "adjust_lr", "ns_steps")
+        return DEEP_MOMENTUM, {k: group[k] for k in keys}

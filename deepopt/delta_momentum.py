@@ -23,8 +23,10 @@ from __future__ import annotations
 from functools import partial
 
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, matrix_shape, as_matrix, check_choice, check_range
-from .associative_momentum import _multi_tensor_momentum, _single_tensor_momentum
+from ._optimizer import DeepOptimizer, Rule
+from ._validation import check_choice, check_range
+from .associative_momentum import _fused_momentum, _multi_tensor_momentum, _single_tensor_momentum
+from .functional import as_matrix, matrix_shape
 
 __all__ = ["DeltaMomentum"]
 
@@ -36,6 +38,27 @@ def _delta_write_(buf, g, *, momentum, dampening, delta, keys, eps):
                                  keys=keys, eps=eps)
     else:
         Fn.delta_momentum_write_(buf, g, momentum, dampening, delta, keys="elementwise", eps=eps)
+
+
+def _single_tensor_delta(params, grads, states, *, delta, keys, eps, **momentum_rule):
+    """The momentum rule's for-loop with the delta-rule write (``delta=0`` runs the key code
+    too, so the reduction to AssociativeMomentum exercises it)."""
+    write_ = partial(_delta_write_, momentum=momentum_rule["momentum"], dampening=momentum_rule["dampening"],
+                     delta=delta, keys=keys, eps=eps)
+    _single_tensor_momentum(params, grads, states, write_=write_, **momentum_rule)
+
+
+def _multi_tensor_delta(params, grads, states, *, delta, keys, eps, **momentum_rule):
+    """``delta=0`` keeps the foreach momentum write: torch's foreach kernels round the momentum
+    scalar to a bf16 list's dtype, and a per-tensor write would not."""
+    write_ = None if delta == 0 else partial(
+        _delta_write_, momentum=momentum_rule["momentum"], dampening=momentum_rule["dampening"],
+        delta=delta, keys=keys, eps=eps)
+    _multi_tensor_momentum(params, grads, states, write_=write_, **momentum_rule)
+
+
+#: the fused path is the momentum kernel's delta modes (deepopt/associative_momentum.py)
+DELTA = Rule(_single_tensor_delta, _multi_tensor_delta, _fused_momentum)
 
 
 class DeltaMomentum(DeepOptimizer):
@@ -89,24 +112,8 @@ class DeltaMomentum(DeepOptimizer):
     def _init_state(self, group, p, state):
         pass  # the memory is created by its first write (M = G), as torch SGD
 
-    def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
-        momentum, dampening = group["momentum"], group["dampening"] or 0.0
-        if fused:   # Triton multi-tensor kernels (deepopt/_triton.py); matrix keys: torch matmuls
-            from . import _triton
-            from ._optimizer import resolve_state_dtype
-            _triton.fused_momentum_(
-                params, grads, states, lr=group["lr"], momentum=momentum, dampening=dampening,
-                weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
-                decoupled_weight_decay=group["decoupled_weight_decay"], amp=amp, delta=group["delta"],
-                keys=group["keys"], eps=group["eps"],
-                state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
-            return
-        write_ = None   # delta == 0: the momentum write itself
-        if group["delta"] != 0:
-            write_ = partial(_delta_write_, momentum=momentum, dampening=dampening, delta=group["delta"],
-                             keys=group["keys"], eps=group["eps"])
-        fn = _multi_tensor_momentum if foreach else _single_tensor_momentum
-        fn(params, grads, states, lr=group["lr"], momentum=momentum, dampening=dampening,
-           weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
-           decoupled_weight_decay=group["decoupled_weight_decay"], state_dtype=group["state_dtype"],
-           write_=write_)
+    def _rule(self, group):
+        return DELTA, dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"] or 0.0,
+                           weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                           maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                           delta=group["delta"], keys=group["keys"], eps=group["eps"])

@@ -36,6 +36,7 @@ __all__ = [
     "momentum_write",
     "momentum_write_",
     "momentum_readout",
+    "momentum_readout_foreach",
     "adam_update_",
     "delta_forget",
     "delta_forget_",
@@ -48,8 +49,21 @@ __all__ = [
     "mlp_memory_step_",
     "newton_schulz",
     "adjust_lr",
+    "matrix_shape",
+    "as_matrix",
     "NS_COEFFICIENTS",
 ] + list(_memory_all)
+
+def matrix_shape(t: Tensor) -> tuple[int, int]:
+    """(rows, cols) of the matrix view the matrix rules use: 2-D as is, conv weights as
+    ``(out, in*kh*kw)``."""
+    return t.shape[0], math.prod(t.shape[1:])
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """The matrix view of :func:`matrix_shape` (a view where the layout allows)."""
+    return t if t.ndim == 2 else t.reshape(matrix_shape(t))
+
 
 #: Muon's quintic Newton-Schulz coefficients (Keller Jordan, 2024)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -137,6 +151,16 @@ def momentum_readout(g: Tensor, buf: Tensor, momentum: float, *, nesterov: bool,
     return g.add(buf, alpha=momentum)
 
 
+def momentum_readout_foreach(gs: list[Tensor], bufs: list[Tensor], momentum: float, *, nesterov: bool,
+                             lerp: bool = False) -> list[Tensor]:
+    """:func:`momentum_readout` over lists of one device and dtype (same ops, as foreach calls)."""
+    if not nesterov:
+        return bufs
+    if lerp:
+        return torch._foreach_lerp(gs, bufs, momentum)
+    return torch._foreach_add(gs, bufs, alpha=momentum)
+
+
 # ------------------------------------------------------------------------------ Adam value map
 def adam_update_(param: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, *,
                  lr, beta1: float, beta2: float, eps: float) -> None:
@@ -196,7 +220,7 @@ def spectral_norm_estimate(g: Tensor, iterations: int = 3) -> Tensor:
     return frobenius * torch.linalg.vector_norm(x @ v, dim=(-2, -1), keepdim=True)
 
 
-def _delta_retention(buf: Tensor, g: Tensor, momentum: float, delta: float, keys: str, eps: float) -> Tensor:
+def delta_retention(buf: Tensor, g: Tensor, momentum: float, delta: float, keys: str, eps: float) -> Tensor:
     """matrix keys: the forgetting term ``(M Gh^T) Gh``; elementwise keys: the retention factor."""
     gh = g.to(buf.dtype)
     if keys in ("matrix", "spectral"):
@@ -223,7 +247,7 @@ def delta_forget_(buf: Tensor, g: Tensor, momentum: float, delta: float, *,
     ``keys="elementwise"``: per coordinate,
     ``k = g / (rms(G) + eps)`` (rms over the whole tensor) and ``M <- max(a - delta k^2, 0) * M``.
     """
-    retention = _delta_retention(buf, g, momentum, delta, keys, eps)
+    retention = delta_retention(buf, g, momentum, delta, keys, eps)
     if keys != "elementwise":
         return buf.mul_(momentum).sub_(retention, alpha=delta)
     return buf.mul_(retention)
@@ -232,7 +256,7 @@ def delta_forget_(buf: Tensor, g: Tensor, momentum: float, delta: float, *,
 def delta_forget(buf: Tensor, g: Tensor, momentum: float, delta: float, *,
                  keys: str = "matrix", eps: float = 1e-8) -> Tensor:
     """Out-of-place :func:`delta_forget_` (autograd-safe; leading batch dims)."""
-    retention = _delta_retention(buf, g, momentum, delta, keys, eps)
+    retention = delta_retention(buf, g, momentum, delta, keys, eps)
     if keys != "elementwise":
         return buf.mul(momentum).sub(retention, alpha=delta)
     return buf.mul(retention)
@@ -244,9 +268,12 @@ def delta_momentum_write_(buf: Tensor, g: Tensor, momentum: float, dampening: fl
 
     .. math:: M \leftarrow M (a I - \delta \hat G^\top \hat G) + (1 - d) G
 
-    With ``delta == 0`` it is :func:`momentum_write_` itself (bit for bit).
+    With ``delta == 0`` it is :func:`momentum_write_` bit for bit. Matrix and spectral keys still
+    run their key code then (``M - 0 * R`` is ``M`` exactly), so that reduction exercises it;
+    elementwise keys would round ``a`` to the state dtype in the retention factor, so there
+    ``delta == 0`` is the momentum write itself.
     """
-    if delta == 0:
+    if delta == 0 and keys == "elementwise":
         return momentum_write_(buf, g, momentum, dampening)
     delta_forget_(buf, g, momentum, delta, keys=keys, eps=eps)
     return buf.add_(g, alpha=1 - dampening)

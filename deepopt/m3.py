@@ -30,21 +30,30 @@ import torch
 from torch import nn
 from torch.optim.optimizer import Optimizer, _to_scalar
 
+from . import _triton as T
 from . import functional as Fn
-from ._optimizer import DeepOptimizer, as_matrix, check_choice, check_range, new_step
-from .associative_momentum import _multi_tensor_adam, _single_tensor_adam
+from ._optimizer import DeepOptimizer, Rule
+from ._state import new_step
+from ._validation import check_choice, check_range
+from .functional import as_matrix
 
 __all__ = ["M3"]
+
+
+def _slow_memory_step_(p, state, *, chunk, slow_momentum, ns_steps) -> int:
+    """At a chunk boundary: ``M2 <- lerp(M2, A / C, 1 - mu_s)``, ``O2 = NS(M2)``, ``A = 0``. Returns ``t``."""
+    t = int(state["step"].item())   # a CPU counter: no device sync
+    if t % chunk == 0:
+        slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)
+        state["slow_output"].copy_(Fn.newton_schulz(as_matrix(slow), steps=ns_steps).reshape(p.shape))
+        state["chunk_sum"].zero_()
+    return t
 
 
 def _m3_update_(p, g, state, *, lr, momentum, nesterov, lerp, slow_momentum, beta2, slow_weight,
                 chunk, eps, precondition, ns_steps, adjust_lr):
     """Everything after the every-step writes of M1, S and A (one param)."""
-    t = int(state["step"].item())
-    if t % chunk == 0:
-        slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)
-        state["slow_output"].copy_(Fn.newton_schulz(as_matrix(slow), steps=ns_steps).reshape(p.shape))
-        state["chunk_sum"].zero_()
+    t = _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
     u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
     u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
     if slow_weight != 0:
@@ -54,7 +63,8 @@ def _m3_update_(p, g, state, *, lr, momentum, nesterov, lerp, slow_momentum, bet
     p.add_(u, alpha=-Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape))
 
 
-def _single_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize, **rule):
+def _single_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize,
+                      state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
     for p, grad, state in zip(params, grads, states):
@@ -68,7 +78,8 @@ def _single_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_
         _m3_update_(p, g, state, lr=lr, momentum=momentum, lerp=lerp, **rule)
 
 
-def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize, **rule):
+def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize,
+                     state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
     beta2 = rule["beta2"]
@@ -87,6 +98,49 @@ def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_d
             torch._foreach_mul_(device_params, 1 - lr * weight_decay)   # as torch's foreach AdamW
         for i, (p, g) in enumerate(zip(device_params, device_grads)):
             _m3_update_(p, g, states[indices[i]], lr=lr, momentum=momentum, lerp=lerp, **rule)
+
+
+def _fused_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize, nesterov,
+              slow_momentum, beta2, slow_weight, chunk, eps, precondition, ns_steps, adjust_lr,
+              state_dtype, amp=None):
+    """One launch for the every-step writes (M1, S, A, decay); the chunk-boundary update of the
+    slow memory and both Newton-Schulz calls as torch ops; one apply launch for the update."""
+    if T.skip_on_host(amp):
+        return
+    lerp = dampening == momentum
+    write_rate = 1 - momentum if lerp else 1 - dampening
+    scale = amp[0] if amp is not None else None
+    for (device, p_dtype, s_dtype), idx in T.grouped(params, state_dtype).items():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] / scale.to(device) if scale is not None else grads[i] for i in idx]
+        gs = T.dense([-g if maximize else g for g in gs])
+        sts = [states[i] for i in idx]
+        torch._foreach_add_([s["step"] for s in sts], 1)   # host counters: the chunk schedule is decided on the host
+        lr_f, lr_t, lr_tensor = T.lr_args(lr, device)
+        fix = T.Contiguous()
+        fps = [fix(p) for p in ps]
+        T.launch("m3_write", [fps, gs, [s["momentum_buffer"] for s in sts], [s["exp_avg_sq"] for s in sts],
+                              [s["chunk_sum"] for s in sts]],
+                 (lr_f, lr_t if lr_tensor else T.dummy(device), T.dummy(device), T.dummy(device), float(momentum),
+                  float(write_rate), float(beta2), float(weight_decay), float(1 - lr_f * weight_decay)),
+                 dict(P_DT=T.tl_dtype(p_dtype), G_DT=T.tl_dtype(gs[0].dtype), S_DT=T.tl_dtype(s_dtype), LERP=lerp,
+                      W_SMALL=abs(write_rate) < 0.5, HAS_WD=weight_decay != 0, LR_TENSOR=lr_tensor,
+                      HAS_SCALE=False, HAS_INF=False))
+        fix.done()
+        xs, scales, bcs = [], [], []
+        for p, g, state in zip(ps, gs, sts):
+            t = _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
+            u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
+            xs.append(Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape))
+            scales.append(float(Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape)))
+            bcs.append(1 - beta2 ** t)
+        T.apply_update_(ps, xs, lr=lr, lr_scales=scales, weight_decay=0.0, state_dtype=s_dtype,
+                        slow=[s["slow_output"] for s in sts], slow_weight=slow_weight,
+                        exp_avg_sqs=[s["exp_avg_sq"] for s in sts] if precondition else None,
+                        bias_corrections2=bcs, eps=eps)
+
+
+M3_RULE = Rule(_single_tensor_m3, _multi_tensor_m3, _fused_m3)
 
 
 class M3(DeepOptimizer):
@@ -118,6 +172,8 @@ class M3(DeepOptimizer):
     State: ``step``, ``momentum_buffer`` (M1), ``exp_avg_sq`` (S), ``chunk_sum`` (A),
     ``slow_buffer`` (M2), ``slow_output`` (O2); AdamW groups: ``step``, ``exp_avg``, ``exp_avg_sq``.
     """
+
+    _algorithm = "m3"
 
     def __init__(self, params, lr=0.02, momentum=0.95, dampening=None, weight_decay=0.0,
                  nesterov=False, *, slow_momentum=0.99, beta2=0.95, slow_weight=1.0, chunk=16, eps=1e-8,
@@ -162,15 +218,10 @@ class M3(DeepOptimizer):
         return groups
 
     def _validate_group(self, group):
-        check_choice("algorithm", group["algorithm"], ("m3", "adamw"))
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("beta2", group["beta2"], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
         momentum, dampening = group["momentum"], group["dampening"]
-        if group["algorithm"] == "adamw":
-            if dampening is not None and dampening != momentum:
-                raise ValueError(f"invalid dampening={dampening} in an algorithm='adamw' group: leave it None")
-            return
         if dampening is not None:
             check_range("dampening", dampening, 0.0, 1.0)
         d = momentum if dampening is None else dampening
@@ -200,8 +251,6 @@ class M3(DeepOptimizer):
         return group["algorithm"] == "m3"
 
     def _state_spec(self, group, p):
-        if group["algorithm"] == "adamw":
-            return {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}
         return {"step": (), "momentum_buffer": p.shape, "exp_avg_sq": p.shape, "chunk_sum": p.shape,
                 "slow_buffer": p.shape, "slow_output": p.shape}
 
@@ -211,31 +260,8 @@ class M3(DeepOptimizer):
             if key != "step":
                 state[key] = self._zeros(group, p).contiguous()
 
-    def _update(self, group, params, grads, states, foreach, *, fused=False, amp=None):
-        momentum, lr = group["momentum"], group["lr"]
-        if group["algorithm"] == "adamw":
-            fn = _multi_tensor_adam if foreach else _single_tensor_adam
-            if fused:   # Triton multi-tensor Adam kernel
-                from functools import partial
-
-                from . import _triton
-                from ._optimizer import resolve_state_dtype
-                fn = partial(_triton.fused_adam_, amp=amp,
-                             state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
-            fn(params, grads, states, lr=lr, beta1=momentum, beta2=group["beta2"], eps=group["eps"],
-               weight_decay=group["weight_decay"], maximize=group["maximize"], decoupled_weight_decay=True)
-            return
-        fn = _multi_tensor_m3 if foreach else _single_tensor_m3
-        if fused:   # Triton multi-tensor kernels around the Newton-Schulz torch ops
-            from functools import partial
-
-            from . import _triton
-            from ._optimizer import resolve_state_dtype
-            fn = partial(_triton.fused_m3_, amp=amp,
-                         state_dtype_of=lambda p: resolve_state_dtype(group["state_dtype"], p))
-        dampening = momentum if group["dampening"] is None else group["dampening"]
-        fn(params, grads, states, lr=lr, momentum=momentum, dampening=dampening,
-           weight_decay=group["weight_decay"], maximize=group["maximize"], nesterov=group["nesterov"],
-           slow_momentum=group["slow_momentum"], beta2=group["beta2"], slow_weight=group["slow_weight"],
-           chunk=group["chunk"], eps=group["eps"], precondition=group["precondition"],
-           ns_steps=group["ns_steps"], adjust_lr=group["adjust_lr"])
+    def _rule(self, group):
+        keys = ("lr", "momentum", "weight_decay", "maximize", "nesterov", "slow_momentum", "beta2", "slow_weight",
+                "chunk", "eps", "precondition", "ns_steps", "adjust_lr")
+        dampening = group["momentum"] if group["dampening"] is None else group["dampening"]
+        return M3_RULE, dict({k: group[k] for k in keys}, dampening=dampening)

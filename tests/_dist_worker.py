@@ -82,9 +82,9 @@ def _count_rule_calls(opt):
         return calls
     rule = target._update
 
-    def counting(group, params, grads, states, foreach, **kw):
+    def counting(group, params, grads, states, *args, **kw):
         calls["whole"] += sum(1 for p in params if not hasattr(p, "full_tensor") and p.ndim >= 2)
-        return rule(group, params, grads, states, foreach, **kw)
+        return rule(group, params, grads, states, *args, **kw)
 
     target._update = counting
     return calls

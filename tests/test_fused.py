@@ -263,15 +263,17 @@ def test_fused_true_on_cpu_without_interpreter_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="fused=True.*CUDA"):
         deepopt.AssociativeMomentum(_params([(2,)]), fused=True)
     opt = deepopt.AssociativeMomentum(_params([(2,)]))   # fused=None on CPU: foreach, no Triton
-    assert not opt._fused_group(opt.param_groups[0]) and not opt._step_supports_amp_scaling
+    group = opt.param_groups[0]
+    assert opt._implementation(group, group["params"]) != "fused" and not opt._step_supports_amp_scaling
 
 
 @pytest.mark.skipif(not CUDA, reason="auto-dispatch picks Triton only for CUDA tensors")
 def test_fused_none_picks_triton_on_cuda(monkeypatch):
     opt = deepopt.AssociativeMomentum(_params([(2,)]))
-    assert not opt._fused_group(opt.param_groups[0])    # off until verified on a GPU
+    group = opt.param_groups[0]
+    assert opt._implementation(group, group["params"]) != "fused"    # off until verified on a GPU
     monkeypatch.setattr(_triton, "AUTO_FUSED", True)
-    assert opt._fused_group(opt.param_groups[0]) and opt._step_supports_amp_scaling
+    assert opt._implementation(group, group["params"]) == "fused" and opt._step_supports_amp_scaling
 
 
 def test_state_dict_round_trip_continues():
@@ -308,10 +310,12 @@ def test_cuda_ext_refuses_clearly_without_gpu_or_toolchain():
     reason = _cuda_ext.unavailable_reason([torch.zeros(2)])
     assert reason is not None and "CUDA" in reason
     if not CUDA:
-        with pytest.raises(RuntimeError, match="fused='cuda'"):
-            deepopt.AssociativeMomentum(_params([(2,)]), fused="cuda")
-    with pytest.raises(RuntimeError, match="AssociativeMomentum only"):
-        deepopt.DeepMomentum(_params([(2,)]), fused="cuda")
+        with pytest.raises(RuntimeError, match="fused_backend='cuda'"):
+            deepopt.AssociativeMomentum(_params([(2,)]), fused=True, fused_backend="cuda")
+    with pytest.raises(ValueError, match="fused must be True, False or None.*fused_backend='cuda'"):
+        deepopt.AssociativeMomentum(_params([(2,)]), fused="cuda")
+    with pytest.raises(ValueError, match="fused_backend"):
+        deepopt.AssociativeMomentum(_params([(2,)]), fused=True, fused_backend="apex")
 
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA extension needs a GPU and nvcc (awaiting a GPU session)")
@@ -325,5 +329,5 @@ def test_cuda_ext_matches_forloop(pre, dtype):
     shapes = [(3,), (), (0,), (4099,), (17, 5), (1000, 33)]
     ref, fus, oa, ob = _run(lambda ps, fused, **f: deepopt.AssociativeMomentum(
         ps, lr=0.01, momentum=0.9, preconditioner=pre, weight_decay=0.1, decoupled_weight_decay=True,
-        fused="cuda" if fused else False, **f), shapes, dtype=dtype)
+        fused=fused, fused_backend="cuda", **f), shapes, dtype=dtype)
     _close(ref, fus, tol=FP32 if dtype == torch.float32 else BF16)
