@@ -4,11 +4,27 @@ PyPI's ``deepopt`` is an unrelated Bayesian-optimization package, hence the dist
 This file never imports torch and compiles nothing.
 """
 
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 here = Path(__file__).parent
+CSRC_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
+
+
+class build_py_with_csrc(build_py):
+    """Copy the CUDA sources of the top-level csrc/ into the wheel as deepopt/csrc/, where
+    deepopt/_cuda_ext.py compiles them on first use (nothing is compiled here)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "deepopt" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted((here / "csrc").iterdir()):
+            if source.suffix in CSRC_SUFFIXES:
+                shutil.copy2(source, target / source.name)
 readme = (here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else ""
 
 setup(
@@ -21,7 +37,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["deepopt", "deepopt.*"]),
-    package_data={"deepopt": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
+    cmdclass={"build_py": build_py_with_csrc},
     # the lowest torch the whole suite has run on (deepopt uses torch.optim's private helpers
     # _to_scalar, _default_to_fused_or_foreach and _group_tensors_by_device_and_dtype)
     install_requires=["torch>=2.13", "numpy"],

@@ -8,15 +8,19 @@ inner objective at its own update frequency:
 * :class:`DeepMomentum` - a linear + MLP memory trained by its own objective (DMGD);
 * :class:`M3` - fast and slow orthogonalised memories (Multi-scale Momentum Muon);
 * :class:`MultiFrequency` - any optimizer's param groups at their own update periods;
-* :mod:`deepopt.functional` - the rules as functions on tensors.
+* :func:`create_optimizer` - any of them for a model, routed as Muon users do;
+* :mod:`deepopt.functional` - the rules as functions on tensors;
+* :mod:`deepopt.memory` - the in-context memory rules HOPE runs in its forward pass.
 """
 
-from . import functional
+from . import functional, memory
 from .associative_momentum import AssociativeMomentum
 from .deep_momentum import DeepMomentum
 from .delta_momentum import DeltaMomentum
 from .m3 import M3
 from .multi_frequency import MultiFrequency
+from .create import create_optimizer
 
-__all__ = ["AssociativeMomentum", "DeltaMomentum", "DeepMomentum", "M3", "MultiFrequency", "functional"]
+__all__ = ["AssociativeMomentum", "DeltaMomentum", "DeepMomentum", "M3", "MultiFrequency", "create_optimizer",
+           "functional", "memory"]
 __version__ = "0.1.0"

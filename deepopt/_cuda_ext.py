@@ -1,6 +1,8 @@
-"""Optional CUDA C++ multi-tensor kernels for AssociativeMomentum (``fused="cuda"``).
+"""Optional CUDA C++ multi-tensor kernels for AssociativeMomentum (``fused=True, fused_backend="cuda"``).
 
-The sources ship as package data (``deepopt/csrc``) and are compiled just in time on first use
+The sources live in the repository's top-level ``csrc/`` (apex's layout: one multi-tensor-apply
+header, a functor per rule); setup.py copies them into the wheel as ``deepopt/csrc``. They are
+compiled just in time on first use
 with ``torch.utils.cpp_extension.load`` (cached by torch under ``TORCH_EXTENSIONS_DIR``). Nothing
 is compiled at install or at ``import deepopt``, so a CPU-only install never needs a toolchain:
 without one, :func:`unavailable_reason` says why and the Triton / foreach paths serve instead.
@@ -19,8 +21,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-CSRC = Path(__file__).parent / "csrc"
+def _csrc() -> Path:
+    """``csrc/`` of a source checkout (editable install), else the copy inside the wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "csrc"
+    return checkout if (checkout / "multi_tensor_apply.cuh").exists() else Path(__file__).parent / "csrc"
+
+
+CSRC = _csrc()
 SOURCES = [CSRC / "bindings.cpp", CSRC / "multi_tensor_kernels.cu"]
+HEADERS = [CSRC / "multi_tensor.h", CSRC / "multi_tensor_apply.cuh"]
 
 
 def _toolchain_problem() -> str | None:
@@ -32,7 +41,7 @@ def _toolchain_problem() -> str | None:
     if CUDA_HOME is None:
         return ("no CUDA toolkit found (nvcc; set CUDA_HOME) to compile deepopt's CUDA kernels "
                 "just in time")
-    missing = [str(s) for s in SOURCES if not s.exists()]
+    missing = [str(s) for s in SOURCES + HEADERS if not s.exists()]
     if missing:
         return f"the CUDA sources are missing from this install: {missing}"
     return None
@@ -44,7 +53,7 @@ def load(verbose: bool = False):
     problem = _toolchain_problem()
     if problem is not None:
         raise RuntimeError(f"deepopt's CUDA extension is unavailable: {problem}. "
-                           "Use fused=True (Triton) or foreach instead.")
+                           "Use fused_backend='triton' or foreach instead.")
     from torch.utils.cpp_extension import load as _load
     extra_include = [str(p) for p in os.environ.get("DEEPOPT_EXTRA_INCLUDE", "").split(os.pathsep) if p]
     try:
@@ -56,7 +65,7 @@ def load(verbose: bool = False):
 
 
 def unavailable_reason(tensors=()) -> str | None:
-    """Why ``fused="cuda"`` cannot run (``None``: it can); never raises, may compile."""
+    """Why ``fused_backend="cuda"`` cannot run (``None``: it can); never raises, may compile."""
     for t in tensors:
         if not t.is_cuda:
             return f"the CUDA kernels need CUDA tensors (got a {t.device.type} tensor)"

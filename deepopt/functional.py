@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._memory import *  # noqa: F401,F403  (in-context memory rules used by HOPE)
-from ._memory import __all__ as _memory_all
+from .memory import *  # noqa: F401,F403  (in-context memory rules used by HOPE)
+from .memory import __all__ as _memory_all
+from .memory import silu_grad
 
 __all__ = [
     "preprocess_grad",
@@ -317,7 +318,7 @@ def _mlp_memory_grads(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Ten
         if linear is not None:
             residual = residual + linear
         d_out = residual / rows
-    d_z = (d_out @ mlp_out) * (sig * (1 + z * (1 - sig)))   # silu'(z) = s(z) (1 + z (1 - s(z)))
+    d_z = (d_out @ mlp_out) * silu_grad(z)
     return d_z.mT @ keys, d_out.mT @ hidden
 
 

@@ -195,19 +195,8 @@ class M3(DeepOptimizer):
         ``adamw_group_options`` set the AdamW group (defaults: ``lr=3e-4, momentum=0.9,
         beta2=0.95, weight_decay=0``; ``momentum`` and ``beta2`` are AdamW's betas).
         """
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        excluded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-        if linears:
-            excluded |= {id(p) for p in linears[-1].parameters()}
-        matrices, others = [], []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            lowered = name.lower()
-            if p.ndim < 2 or id(p) in excluded or "embed" in lowered or "head" in lowered:
-                others.append(p)
-            else:
-                matrices.append(p)
+        from .create import split_params   # (the one routing rule; create imports this module)
+        matrices, others = ([p for _, p in named] for named in split_params(model))
         options = dict(lr=3e-4, momentum=0.9, beta2=0.95, weight_decay=0.0)
         options.update(adamw_group_options)
         groups = []

@@ -44,13 +44,13 @@ def test_causality(i):
 @pytest.mark.parametrize("c", [1, 4, 16])
 def test_model_chunked_equals_chunk_start_loop(memory, c, monkeypatch):
     """The model's chunk-wise memories equal the per-token chunk-start loop (DESIGN §5)."""
-    from deepopt import _memory
+    from deepopt import memory
     torch.manual_seed(1)
     m = hm.HOPE(tiny(memory=memory, chunk_size=c, gen_chunk_size=16)).double()
     x = torch.randint(0, 17, (2, 32))
     fast = m(x)[0]
-    monkeypatch.setattr(hm, "linear_memory_write", _memory.linear_memory_reference)
-    monkeypatch.setattr(hm, "mlp_memory_write", _memory.mlp_memory_reference)
+    monkeypatch.setattr(hm, "linear_memory_write", memory.linear_memory_reference)
+    monkeypatch.setattr(hm, "mlp_memory_write", memory.mlp_memory_reference)
     slow = m(x)[0]
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
 
@@ -73,7 +73,7 @@ def test_gradients_reach_meta_learned_initial_states():
         x = torch.randint(0, 17, (2, 32))
         m(x, x)[1].backward()
         names = [n for n, _ in m.named_parameters() if n.split(".")[-1] in
-                 ("gen_init", "mem_init", "kv_w1", "kv_w2", "ea_init", "mem_w1", "mem_w2")]
+                 ("gen_init", "mem_init", "kv_mlp_out", "kv_mlp_in", "ea_init", "mem_mlp_out", "mem_mlp_in")]
         assert len(names) >= 2 * 2
         for n, p in m.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), n

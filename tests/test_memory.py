@@ -1,4 +1,4 @@
-"""deepopt._memory: chunk-wise in-context memory rules vs token-by-token loops."""
+"""deepopt.memory: chunk-wise in-context memory rules vs token-by-token loops."""
 import importlib.util
 import pathlib
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 # load the module file directly: the optimizers in deepopt/__init__ may be mid-development
 _spec = importlib.util.spec_from_file_location(
-    "deepopt_memory_under_test", pathlib.Path(__file__).parents[1] / "deepopt" / "_memory.py")
+    "deepopt_memory_under_test", pathlib.Path(__file__).parents[1] / "deepopt" / "memory.py")
 mem = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mem)
 
@@ -84,10 +84,10 @@ def test_linear_rectangular_and_no_query():
 @pytest.mark.parametrize("self_values", [False, True])
 def test_mlp_chunked_equals_autograd_loop(c, objective, self_values):
     q, k, v, eta, alpha, r = _inputs(T=16)
-    W1, W2 = 0.3 * r(2, 3, 8, 6), 0.3 * r(2, 3, 6, 8)
-    got = mem.mlp_memory_write(W1, W2, k, v, eta, alpha, q, chunk_size=c, objective=objective,
+    mlp_out, mlp_in = 0.3 * r(2, 3, 8, 6), 0.3 * r(2, 3, 6, 8)
+    got = mem.mlp_memory_write(mlp_in, mlp_out, k, v, eta, alpha, q, chunk_size=c, objective=objective,
                                self_values=self_values)
-    ref = mem.mlp_memory_reference(W1, W2, k, v, eta, alpha, q, chunk_size=c, objective=objective,
+    ref = mem.mlp_memory_reference(mlp_in, mlp_out, k, v, eta, alpha, q, chunk_size=c, objective=objective,
                                    self_values=self_values)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -96,12 +96,12 @@ def test_mlp_chunked_equals_autograd_loop(c, objective, self_values):
 def test_gradients_reach_initial_states_and_inputs():
     q, k, v, eta, alpha, r = _inputs(T=12)
     M0 = (0.3 * r(2, 3, 8, 8)).requires_grad_()
-    W1, W2 = (0.3 * r(2, 3, 8, 6)).requires_grad_(), (0.3 * r(2, 3, 6, 8)).requires_grad_()
+    mlp_out, mlp_in = (0.3 * r(2, 3, 8, 6)).requires_grad_(), (0.3 * r(2, 3, 6, 8)).requires_grad_()
     eta, alpha, v = eta.requires_grad_(), alpha.requires_grad_(), v.requires_grad_()
     y, M = mem.linear_memory_write(M0, k, v, eta, alpha, q, chunk_size=4, self_values=True)
-    y2, A, B = mem.mlp_memory_write(W1, W2, k, v, eta, alpha, q, chunk_size=4)
+    y2, A, B = mem.mlp_memory_write(mlp_in, mlp_out, k, v, eta, alpha, q, chunk_size=4)
     (y.square().sum() + M.sum() + y2.square().sum() + A.sum() + B.sum()).backward()
-    for t in (M0, W1, W2, eta, alpha, v):
+    for t in (M0, mlp_in, mlp_out, eta, alpha, v):
         assert t.grad is not None and t.grad.abs().sum() > 0
     # autograd-safe: gradcheck through a small write
     args = [x.detach()[:1, :1, :6].clone().requires_grad_() for x in (k, v, q)]

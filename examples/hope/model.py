@@ -35,8 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepopt._memory import (linear_memory_read, linear_memory_write, mlp_memory_read,
-                             mlp_memory_write)
+from deepopt.memory import linear_memory_read, linear_memory_write, mlp_memory_read, mlp_memory_write
 
 
 # --------------------------------------------------------------------------- configs
@@ -138,8 +137,8 @@ class SelfModifyingTitans(nn.Module):
         if cfg.self_modifying:
             # meta-learned initial states of the generator memories
             if mlp:     # k and v: residual MLP memories; eta and alpha: linear (scalar outputs)
-                self.kv_w1 = nn.Parameter(small(2, H, dh, cfg.memory_hidden))
-                self.kv_w2 = nn.Parameter(torch.randn(2, H, cfg.memory_hidden, dh) / math.sqrt(dh))
+                self.kv_mlp_out = nn.Parameter(small(2, H, dh, cfg.memory_hidden))
+                self.kv_mlp_in = nn.Parameter(torch.randn(2, H, cfg.memory_hidden, dh) / math.sqrt(dh))
                 self.ea_init = nn.Parameter(small(H, 2, dh))
             else:       # rows [k (dh); v (dh); eta (1); alpha (1)] of one stacked linear memory
                 self.gen_init = nn.Parameter(torch.cat([eye + small(H, dh, dh), eye + small(H, dh, dh),
@@ -148,8 +147,8 @@ class SelfModifyingTitans(nn.Module):
             self.w_kv = nn.Linear(D, 2 * D, bias=False)
             self.w_ea = nn.Linear(D, 2 * H, bias=False)
         if mlp:
-            self.mem_w1 = nn.Parameter(small(H, dh, cfg.memory_hidden))
-            self.mem_w2 = nn.Parameter(torch.randn(H, cfg.memory_hidden, dh) / math.sqrt(dh))
+            self.mem_mlp_out = nn.Parameter(small(H, dh, cfg.memory_hidden))
+            self.mem_mlp_in = nn.Parameter(torch.randn(H, cfg.memory_hidden, dh) / math.sqrt(dh))
         else:
             self.mem_init = nn.Parameter(eye + small(H, dh, dh))
 
@@ -161,13 +160,13 @@ class SelfModifyingTitans(nn.Module):
         st = {"conv": None}
         if cfg.self_modifying:
             if cfg.memory == "mlp":
-                st["kv_w1"] = self.kv_w1[:, None].expand(2, B, *self.kv_w1.shape[1:])
-                st["kv_w2"] = self.kv_w2[:, None].expand(2, B, *self.kv_w2.shape[1:])
+                st["kv_mlp_out"] = self.kv_mlp_out[:, None].expand(2, B, *self.kv_mlp_out.shape[1:])
+                st["kv_mlp_in"] = self.kv_mlp_in[:, None].expand(2, B, *self.kv_mlp_in.shape[1:])
                 st["ea"] = ex(self.ea_init)
             else:
                 st["gen"] = ex(self.gen_init)
         if cfg.memory == "mlp":
-            st["mem_w1"], st["mem_w2"] = ex(self.mem_w1), ex(self.mem_w2)
+            st["mem_mlp_out"], st["mem_mlp_in"] = ex(self.mem_mlp_out), ex(self.mem_mlp_in)
         else:
             st["mem"] = ex(self.mem_init)
         return st
@@ -184,8 +183,8 @@ class SelfModifyingTitans(nn.Module):
         if not self.cfg.self_modifying:
             return None
         if self.cfg.memory == "mlp":
-            k = mlp_memory_read(st["kv_w1"][0], st["kv_w2"][0], xh)
-            v = mlp_memory_read(st["kv_w1"][1], st["kv_w2"][1], xh)
+            k = mlp_memory_read(st["kv_mlp_in"][0], st["kv_mlp_out"][0], xh)
+            v = mlp_memory_read(st["kv_mlp_in"][1], st["kv_mlp_out"][1], xh)
             ea = linear_memory_read(st["ea"], xh)
         else:
             out = linear_memory_read(st["gen"], xh)
@@ -198,12 +197,12 @@ class SelfModifyingTitans(nn.Module):
         cfg, new = self.cfg, dict(st)
         kw = dict(objective=self.objective, self_values=True)
         if cfg.memory == "mlp":
-            w1s, w2s = [], []
+            ins, outs = [], []
             for i in range(2):
-                _, w1, w2 = mlp_memory_write(st["kv_w1"][i], st["kv_w2"][i], k, v, eta, alpha, **kw)
-                w1s.append(w1)
-                w2s.append(w2)
-            new["kv_w1"], new["kv_w2"] = torch.stack(w1s), torch.stack(w2s)
+                _, mlp_in, mlp_out = mlp_memory_write(st["kv_mlp_in"][i], st["kv_mlp_out"][i], k, v, eta, alpha, **kw)
+                ins.append(mlp_in)
+                outs.append(mlp_out)
+            new["kv_mlp_in"], new["kv_mlp_out"] = torch.stack(ins), torch.stack(outs)
             _, new["ea"] = linear_memory_write(st["ea"], k, v, eta, alpha, **kw)
         else:
             _, new["gen"] = linear_memory_write(st["gen"], k, v, eta, alpha, **kw)
@@ -213,8 +212,8 @@ class SelfModifyingTitans(nn.Module):
         cfg, new = self.cfg, dict(st)
         kw = dict(chunk_size=cfg.chunk_size, objective=self.objective, self_values=cfg.self_modifying)
         if cfg.memory == "mlp":
-            y, new["mem_w1"], new["mem_w2"] = mlp_memory_write(st["mem_w1"], st["mem_w2"], k, v, eta,
-                                                               alpha, q, **kw)
+            y, new["mem_mlp_in"], new["mem_mlp_out"] = mlp_memory_write(st["mem_mlp_in"], st["mem_mlp_out"], k, v,
+                                                                        eta, alpha, q, **kw)
         else:
             y, new["mem"] = linear_memory_write(st["mem"], k, v, eta, alpha, q, **kw)
         return y, new

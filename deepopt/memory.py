@@ -1,4 +1,4 @@
-r"""In-context memory rules as functions on tensors (HOPE's test-time memories, DESIGN §3.6, §5).
+r"""deepopt.memory: in-context memory rules as functions on tensors (HOPE's test-time memories).
 
 Everything here is out-of-place and autograd-safe: gradients of an outer loss flow through every
 write into the initial memory state (HOPE meta-learns it) and into the keys, values, write rates
@@ -25,17 +25,18 @@ Linear memory ``M(x) = M x`` (``M``: dv x dk)::
     both:             M <- alpha M + eta (v_hat - M k) k^T
 
 The L2 objective's gradient already holds the ``k k^T`` decay, so DGD's decay is not applied a
-second time: for a linear memory the two objectives give the same closed form (DESIGN §5):
+second time: for a linear memory the two objectives give the same closed form:
 
     M_end = (prod alpha) M_s + sum_t (prod_{u>t} alpha_u) eta_t (v_hat_t - M_s k_t) k_t^T
 
-Residual 2-layer MLP memory ``m(x) = x + W1 silu(W2 x)`` (``W2``: h x d first layer, ``W1``: d x h):
-with ``z = W2 k``, ``a = silu(z)`` and ``e = dL/dm`` (``-v_hat`` for dot, ``m(k) - v_hat`` for l2)
-the inner gradients are ``dL/dW1 = e a^T`` and ``dL/dW2 = ((W1^T e) * silu'(z)) k^T``. One
-(chunk-wise) gradient step with retention alpha; for ``"dot"`` the DGD decay ``- eta W2 k k^T``
-applies to the first layer (as in the paper), for ``"l2"`` no extra decay. Reads inside a chunk
-are parallel too: ``W2_t q`` and ``W1_t a(q)`` are sums of rank-1 terms, so each is an
-attention-like (c x c) product.
+Residual 2-layer MLP memory ``m(x) = x + mlp_out silu(mlp_in x)`` (``mlp_in``: h x d, the first
+layer; ``mlp_out``: d x h; the same names and order as DeepMomentum's MLP memory): with
+``z = mlp_in k``, ``a = silu(z)`` and ``e = dL/dm`` (``-v_hat`` for dot, ``m(k) - v_hat`` for l2)
+the inner gradients are ``dL/dmlp_out = e a^T`` and ``dL/dmlp_in = ((mlp_out^T e) * silu'(z)) k^T``.
+One (chunk-wise) gradient step with retention alpha; for ``"dot"`` the DGD decay
+``- eta mlp_in k k^T`` applies to the first layer (as in the paper), for ``"l2"`` no extra decay.
+Reads inside a chunk are parallel too: ``mlp_in_t q`` and ``mlp_out_t a(q)`` are sums of rank-1
+terms, so each is an attention-like (c x c) product.
 
 Reference loops (``*_reference``) evaluate the same chunk-start semantics one token at a time
 (the MLP one takes its inner gradients from autograd); they are slow and exist for tests.
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "linear_memory_read", "linear_memory_write", "linear_memory_reference",
-    "mlp_memory_read", "mlp_memory_write", "mlp_memory_reference",
+    "mlp_memory_read", "mlp_memory_write", "mlp_memory_reference", "silu_grad",
 ]
 
 _OBJECTIVES = ("dot", "l2")
@@ -126,77 +127,78 @@ def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, obj
 
 
 # --------------------------------------------------------------------------- MLP memory
-def _silu_grad(z):
+def silu_grad(z):
+    """``silu'(z) = s(z) (1 + z (1 - s(z)))`` with ``s`` the sigmoid (the one home of this formula)."""
     s = torch.sigmoid(z)
     return s * (1 + z * (1 - s))
 
 
-def mlp_memory_read(W1, W2, x):
-    """Residual MLP memory ``x + W1 silu(W2 x)``: W1 (..., d, h), W2 (..., h, d), x (..., T, d)."""
-    return x + F.silu(x @ W2.transpose(-1, -2)) @ W1.transpose(-1, -2)
+def mlp_memory_read(mlp_in, mlp_out, x):
+    """Residual MLP memory ``x + mlp_out silu(mlp_in x)``: mlp_in (..., h, d), mlp_out (..., d, h), x (..., T, d)."""
+    return x + F.silu(x @ mlp_in.transpose(-1, -2)) @ mlp_out.transpose(-1, -2)
 
 
-def mlp_memory_write(W1, W2, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
+def mlp_memory_write(mlp_in, mlp_out, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
                      self_values=False):
-    """Chunk-wise write of the residual 2-layer MLP memory; returns ``(y, W1_end, W2_end)``.
+    """Chunk-wise write of the residual 2-layer MLP memory; returns ``(y, mlp_in_end, mlp_out_end)``.
 
-    Shapes as :func:`linear_memory_write` with d = dk = dv; W1 (..., d, h), W2 (..., h, d).
+    Shapes as :func:`linear_memory_write` with d = dk = dv; mlp_in (..., h, d), mlp_out (..., d, h).
     """
     T = k.shape[-2]
     c = _check(objective, T, chunk_size)
     ys = []
     for s in range(0, T, c):
         kc, vc, ec, ac = k[..., s:s + c, :], v[..., s:s + c, :], eta[..., s:s + c], alpha[..., s:s + c]
-        z = kc @ W2.transpose(-1, -2)                                    # (.., c, h)
+        z = kc @ mlp_in.transpose(-1, -2)                               # (.., c, h)
         a = F.silu(z)
-        vhat = mlp_memory_read(W1, W2, vc) if self_values else vc
-        e = -vhat if objective == "dot" else kc + a @ W1.transpose(-1, -2) - vhat
-        u1 = ec[..., None] * e                                          # W1 grad = e a^T
-        u2 = (e @ W1) * _silu_grad(z)                                   # W2 grad = u2 k^T
+        vhat = mlp_memory_read(mlp_in, mlp_out, vc) if self_values else vc
+        e = -vhat if objective == "dot" else kc + a @ mlp_out.transpose(-1, -2) - vhat
+        u1 = ec[..., None] * e                                          # mlp_out grad = e a^T
+        u2 = (e @ mlp_out) * silu_grad(z)                               # mlp_in grad = u2 k^T
         if objective == "dot":
-            u2 = u2 + z                                                 # DGD decay W2 k k^T
+            u2 = u2 + z                                                 # DGD decay mlp_in k k^T
         u2 = ec[..., None] * u2
         A = _decays(ac)
         if q is not None:
             qc = q[..., s:s + c, :]
             D, dec = _intra(A), A.exp()[..., None]
-            zq = dec * (qc @ W2.transpose(-1, -2)) - ((qc @ kc.transpose(-1, -2)) * D) @ u2
+            zq = dec * (qc @ mlp_in.transpose(-1, -2)) - ((qc @ kc.transpose(-1, -2)) * D) @ u2
             aq = F.silu(zq)
-            ys.append(qc + dec * (aq @ W1.transpose(-1, -2)) - ((aq @ a.transpose(-1, -2)) * D) @ u1)
+            ys.append(qc + dec * (aq @ mlp_out.transpose(-1, -2)) - ((aq @ a.transpose(-1, -2)) * D) @ u1)
         w_end = (A[..., -1:] - A).exp()[..., None]
         keep = A[..., -1].exp()[..., None, None]
-        W1 = keep * W1 - (u1 * w_end).transpose(-1, -2) @ a
-        W2 = keep * W2 - (u2 * w_end).transpose(-1, -2) @ kc
+        mlp_out = keep * mlp_out - (u1 * w_end).transpose(-1, -2) @ a
+        mlp_in = keep * mlp_in - (u2 * w_end).transpose(-1, -2) @ kc
     y = torch.cat(ys, dim=-2) if q is not None else None
-    return y, W1, W2
+    return y, mlp_in, mlp_out
 
 
-def mlp_memory_reference(W1, W2, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
+def mlp_memory_reference(mlp_in, mlp_out, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
                          self_values=False):
     """Token-by-token loop, inner gradients by autograd (torch.func), chunk-start semantics."""
     T = k.shape[-2]
     c = _check(objective, T, chunk_size)
 
-    def inner_loss(W1, W2, kt, vhat):
-        out = mlp_memory_read(W1, W2, kt[None])[0]
+    def inner_loss(mlp_in, mlp_out, kt, vhat):
+        out = mlp_memory_read(mlp_in, mlp_out, kt[None])[0]
         if objective == "dot":
-            return -(out * vhat).sum() + 0.5 * ((kt @ W2.T) ** 2).sum()   # DGD decay on W2
+            return -(out * vhat).sum() + 0.5 * ((kt @ mlp_in.T) ** 2).sum()   # DGD decay on mlp_in
         return 0.5 * ((out - vhat) ** 2).sum()
 
     grad = torch.func.grad(inner_loss, argnums=(0, 1))
-    batch = W1.shape[:-2]
+    batch = mlp_in.shape[:-2]
     for _ in batch:
         grad = torch.func.vmap(grad)
     ys = []
     for t in range(T):
         if t % c == 0:
-            W1s, W2s = W1, W2
+            mlp_in_s, mlp_out_s = mlp_in, mlp_out
         kt, vt = k[..., t, :], v[..., t, :]
-        vhat = mlp_memory_read(W1s, W2s, vt[..., None, :])[..., 0, :] if self_values else vt
-        g1, g2 = grad(W1s, W2s, kt, vhat)
+        vhat = mlp_memory_read(mlp_in_s, mlp_out_s, vt[..., None, :])[..., 0, :] if self_values else vt
+        g_in, g_out = grad(mlp_in_s, mlp_out_s, kt, vhat)
         at, et = alpha[..., t, None, None], eta[..., t, None, None]
-        W1, W2 = at * W1 - et * g1, at * W2 - et * g2
+        mlp_in, mlp_out = at * mlp_in - et * g_in, at * mlp_out - et * g_out
         if q is not None:
-            ys.append(mlp_memory_read(W1, W2, q[..., t, None, :])[..., 0, :])
+            ys.append(mlp_memory_read(mlp_in, mlp_out, q[..., t, None, :])[..., 0, :])
     y = torch.stack(ys, dim=-2) if q is not None else None
-    return y, W1, W2
+    return y, mlp_in, mlp_out

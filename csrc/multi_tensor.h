@@ -1,17 +1,10 @@
-// deepopt fused multi-tensor updates: shared declarations.
-//
-// One launch walks a table of tensors (device arrays of pointers and sizes) split into chunks of
-// kChunk elements; block b handles chunk b. Each thread moves kVec elements at a time: 16-byte
-// loads for fp32 state and gradients (8 bytes for bf16/fp16 params) when every pointer of the
-// tensor is 16-byte aligned, a scalar loop otherwise and for the tail.
+// deepopt's fused multi-tensor updates (CUDA): the entry points bindings.cpp exports.
 #pragma once
 #include <torch/extension.h>
 
-namespace deepopt {
+#include <vector>
 
-constexpr int kThreads = 256;
-constexpr int kVec = 4;
-constexpr int64_t kChunk = kThreads * kVec * 4;   // 4096 elements
+namespace deepopt {
 
 // p <- SGD-convention momentum update (AssociativeMomentum, preconditioner=None), fp32 state.
 void sgd_update(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,

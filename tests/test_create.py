@@ -1,0 +1,138 @@
+"""deepopt.create_optimizer: routing, one object, one schedule for every group, and clear errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import deepopt
+from deepopt.create import RECIPES
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.out = nn.Linear(8, 11, bias=False)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return self.out(self.norm(torch.tanh(self.hidden(x))))
+
+
+def loss_of(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 11, (4, 6), generator=gen)
+    return nn.functional.cross_entropy(model(idx).reshape(-1, 11), idx.roll(1, 1).reshape(-1))
+
+
+def names_in(opt, model, **match):
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [sorted(by_id[id(p)] for p in g["params"]) for g in opt.param_groups
+            if all(g.get(k) == v for k, v in match.items())]
+
+
+@pytest.mark.parametrize("name", ["m3", "deep-ns"])
+def test_newton_schulz_rules_route_embeddings_head_and_vectors_to_one_adamw(name):
+    model = TinyLM()
+    opt = deepopt.create_optimizer(model, name, lr=0.02, weight_decay=0.1, adamw_lr=1e-3)
+    rule = [g for g in opt.param_groups if g.get("algorithm") != "adamw"]
+    assert [sorted(n for n in names_in(opt, model)[0])] == [["conv.weight", "hidden.weight"]]
+    assert rule[0]["weight_decay"] == 0.1
+    adamw = [g for g in opt.param_groups if g.get("algorithm") == "adamw"]
+    decayed, plain = adamw
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in plain["params"])
+    assert {id(p) for g in adamw for p in g["params"]} == {
+        id(p) for n, p in model.named_parameters() if n not in ("conv.weight", "hidden.weight")}
+    assert all(g["lr"] == 0.02 and g["lr_ratio"] == pytest.approx(1e-3 / 0.02) for g in adamw)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "delta", "deep"])
+def test_other_rules_keep_every_param_and_skip_decay_on_vectors(name):
+    model = TinyLM()
+    opt = deepopt.create_optimizer(model, name, weight_decay=0.01)
+    assert not any(g.get("algorithm") == "adamw" for g in opt.param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    for g in opt.param_groups:
+        assert g["weight_decay"] == (0.01 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    assert opt.param_groups[0]["lr"] == RECIPES[name][1]   # the recommended lr
+
+
+def test_a_loop_that_writes_one_lr_into_every_group_keeps_adamw_at_its_ratio():
+    """nanoGPT's ``for g in opt.param_groups: g["lr"] = lr``: the AdamW groups must run at
+    ``lr * adamw_lr / base lr``, bit for bit as groups given that lr explicitly each step."""
+    model = TinyLM()
+    twin, initial = copy.deepcopy(model), model.embed.weight.detach().clone()
+    opt = deepopt.create_optimizer(model, "m3", lr=0.02, adamw_lr=1e-3)
+    ratio = 1e-3 / 0.02
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr_ratio")} for g in opt.param_groups]
+    by_name = dict(twin.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    reference = deepopt.M3([dict(g, params=[by_name[names[id(p)]] for p in group["params"]])
+                            for g, group in zip(groups, opt.param_groups)], lr=0.02)
+    for step in range(6):
+        lr = 0.02 * (0.5 + 0.5 * torch.cos(torch.tensor(step / 6 * 3.1416)).item())   # a schedule
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for g in reference.param_groups:
+            g["lr"] = lr * ratio if g.get("algorithm") == "adamw" else lr
+        for m in (model, twin):
+            m.zero_grad()
+            loss_of(m, step).backward()
+        opt.step()
+        reference.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(model.embed.weight, initial)
+
+
+def test_one_object_for_grad_scaler_checkpoints_and_schedulers():
+    model = TinyLM()
+    opt = deepopt.create_optimizer(model, "deep-ns", lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, step)).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    saved = copy.deepcopy(opt.state_dict())
+    other = deepopt.create_optimizer(copy.deepcopy(model), "deep-ns", lr=0.01)
+    other.load_state_dict(saved)
+    assert [g["lr"] for g in other.param_groups] == [0.005] * len(other.param_groups)
+    assert all(set(other.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+               for g in other.param_groups if g.get("algorithm") == "adamw" for p in g["params"])
+
+
+def test_multifrequency_recipe_splits_groups_by_period():
+    model = TinyLM()
+    opt = deepopt.create_optimizer(model, "multifreq:adamw", lr=1e-3, periods={r"^hidden\.": 4, r"^conv\.": 2})
+    assert isinstance(opt, deepopt.MultiFrequency)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    periods = {by_id[id(p)]: g["update_every"] for g in opt.param_groups for p in g["params"]}
+    assert periods["hidden.weight"] == 4 and periods["hidden.bias"] == 4 and periods["conv.weight"] == 2
+    assert periods["embed.weight"] == 1
+    before = model.hidden.weight.detach().clone()
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+    assert torch.equal(model.hidden.weight, before)   # its first step is the 4th
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: deepopt.create_optimizer(m, "lion"), r"Invalid optimizer name: 'lion' \(name must be one of"),
+    (lambda m: deepopt.create_optimizer(m, "m3", lr=0.0), r"Invalid learning rate: 0.0"),
+    (lambda m: deepopt.create_optimizer(m, "m3", periods={"x": 2}), "periods is for 'multifreq:m3'"),
+    (lambda m: deepopt.create_optimizer(m, "multifreq:m3"), "needs periods"),
+])
+def test_bad_arguments_raise_clearly(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(TinyLM())
