@@ -16,7 +16,7 @@ Names:
     assoc-adamw  deepopt.AssociativeMomentum(preconditioner="adam", decoupled_weight_decay=True):
                  confirming run at adamw's best LR (must equal torch AdamW exactly)
     delta        deepopt.DeltaMomentum, momentum 0.9, delta 0.5, keys="matrix" (the defaults)
-    delta-spectral  the same with keys="spectral" (keys over sigma_1, DESIGN §3.2's comparison)
+    delta-spectral  the same with keys="spectral" (keys over sigma_1: the comparison the Frobenius keys need)
     deep         deepopt.DeepMomentum, momentum 0.9, defaults (MLP memory, dot objective,
                  identity output)
     deep-ns      deepopt.DeepMomentum(output="newton_schulz", momentum=dampening=0.95, Nesterov,
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import deepopt
+from deepopt.create import split_params
 
 
 def log_grid(lo_exp: float, hi_exp: float, per_decade: int = 2) -> list[float]:
@@ -40,7 +41,7 @@ def log_grid(lo_exp: float, hi_exp: float, per_decade: int = 2) -> list[float]:
 
 
 class Chain:
-    """Two optimizers stepped together (Muon-style routing: matrices + AdamW for the rest)."""
+    """torch Muon and torch AdamW stepped together (torch's Muon takes 2-D matrices only)."""
 
     def __init__(self, *opts):
         self.opts = [o for o in opts if o is not None]
@@ -59,11 +60,9 @@ class Chain:
 
 
 def _split_matrices(model, two_d_only=False):
-    """(matrices, others) by deepopt.M3.matrix_groups' rule (hidden matrices vs embeddings,
+    """(matrices, others) by deepopt.create_optimizer's routing (hidden matrices vs embeddings,
     head, ndim < 2); ``two_d_only`` also sends conv kernels (ndim > 2) to ``others``."""
-    mats, others = [], []
-    for g in deepopt.M3.matrix_groups(model):
-        (others if g.get("algorithm") == "adamw" else mats).extend(g["params"])
+    mats, others = ([p for _, p in named] for named in split_params(model))
     if two_d_only:
         others += [p for p in mats if p.ndim != 2]
         mats = [p for p in mats if p.ndim == 2]
@@ -110,15 +109,12 @@ def build_deep(model, lr, seed=0, **kw):
 
 
 def build_deep_ns(model, lr, aux_lr, seed=0, **kw):
-    mats, others = _split_matrices(model)
-    deep = deepopt.DeepMomentum(mats, lr=lr, momentum=0.95, dampening=0.95, nesterov=True,
-                                output="newton_schulz", adjust_lr="original", seed=seed) if mats else None
-    return Chain(deep, _adamw(others, aux_lr))
+    # one optimizer: DeepMomentum on the hidden matrices, an AdamW group (torch AdamW's betas) for the rest
+    return deepopt.create_optimizer(model, "deep-ns", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, seed=seed)
 
 
 def build_m3(model, lr, aux_lr, **kw):
-    groups = deepopt.M3.matrix_groups(model, lr=aux_lr, momentum=0.9, beta2=0.999)
-    return deepopt.M3(groups, lr=lr)
+    return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999)
 
 
 def build_mf_adamw(model, lr, mf_periods, **kw):

@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick --out /tmp/bench         # smoke run (<= 3 min)
     python -m benchmarks.run --tasks mnist1d_mlp,rosenbrock --optimizers adamw,deep --seeds 3
 
-Protocol (DESIGN §6, issue 5):
+Protocol:
 1. Per task and optimizer, an LR sweep on seed 0 (>= 5 values on a half-decade log grid,
    extended past an edge, up to twice, when the best LR sits on it), selected on the final
    *validation* metric (loss; average final accuracy for the continual task). AdamW and SGD

@@ -4,7 +4,8 @@ One run on one GPU measures, for each parameter set,
 
 * a device copy of all params (the bandwidth ceiling: it reads and writes every byte once),
 * torch's fused SGD-momentum and fused AdamW,
-* every deepopt optimizer with its default dispatch on CUDA (``fused=None``: the Triton kernels),
+* every deepopt optimizer on each of its implementations, chosen explicitly: ``foreach=True``,
+  ``fused=True`` (Triton) and, for AssociativeMomentum, ``fused=True, fused_backend="cuda"``,
 
 on (a) a model-shaped set: 24 layers of d=2048 (qkv 3d x d, out d x d, mlp 4d x d and d x 4d, two
 norms) plus a 32000 x d embedding, ~1.27e9 fp32 params; (b) 4000 tensors of 128 x 256 (32768
@@ -12,7 +13,7 @@ elements). Params and gradients are random (never zeros). Times are CUDA-event b
 (``triton.testing.do_bench`` when Triton is installed); ``--tiny`` runs the same code on CPU at
 toy sizes with wall-clock timing (a smoke test: its numbers mean nothing).
 
-Byte count for GB/s (DESIGN.md section 4): (tensors read + tensors written) x numel x element
+Byte count for GB/s: (tensors read + tensors written) x numel x element
 size, the same formula for torch's baselines; a copy reads 1 and writes 1. For the matrix rules
 (delta-rule matrix keys, Newton-Schulz, M3) the count is the rule's elementwise traffic only, so
 their GB/s is an effective figure; their matmuls are judged against the FLOP roofline instead.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -58,22 +60,39 @@ def model_shapes(d: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
     return shapes
 
 
+#: deepopt's configurations, each timed on every implementation it has (IMPLEMENTATIONS)
+DEEPOPT = {
+    "AssociativeMomentum (sgd)": lambda ps, **f: deepopt.AssociativeMomentum(ps, lr=1e-3, momentum=0.9, **f),
+    "AssociativeMomentum (adam)": lambda ps, **f: deepopt.AssociativeMomentum(
+        ps, lr=1e-3, preconditioner="adam", weight_decay=0.01, decoupled_weight_decay=True, **f),
+    "DeltaMomentum (elementwise)": lambda ps, **f: deepopt.DeltaMomentum(ps, lr=1e-3, keys="elementwise", **f),
+    "DeltaMomentum (matrix)": lambda ps, **f: deepopt.DeltaMomentum(ps, lr=1e-3, keys="matrix", **f),
+    "DeepMomentum (identity)": lambda ps, **f: deepopt.DeepMomentum(ps, lr=1e-3, **f),
+    "DeepMomentum (newton_schulz)": lambda ps, **f: deepopt.DeepMomentum(ps, lr=1e-3, output="newton_schulz", **f),
+    "M3": lambda ps, **f: deepopt.M3(_m3_groups(ps), lr=0.02, **f),
+}
+#: the implementations, chosen explicitly (never the fused=None default): foreach, the Triton
+#: kernels, and the CUDA C++ kernels where a rule has them (AssociativeMomentum)
+IMPLEMENTATIONS = {"foreach": dict(foreach=True), "triton": dict(fused=True),
+                   "cuda": dict(fused=True, fused_backend="cuda")}
+
+
 def optimizers(device: str) -> dict:
-    """name -> factory(params) for every optimizer measured."""
+    """name -> factory(params) for every optimizer and implementation measured."""
     cuda = device == "cuda"
     torch_fused = dict(fused=True) if cuda else {}
     opts = {
         "torch SGD fused": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **torch_fused),
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, **torch_fused),
-        "AssociativeMomentum (sgd)": lambda ps: deepopt.AssociativeMomentum(ps, lr=1e-3, momentum=0.9),
-        "AssociativeMomentum (adam)": lambda ps: deepopt.AssociativeMomentum(
-            ps, lr=1e-3, preconditioner="adam", weight_decay=0.01, decoupled_weight_decay=True),
-        "DeltaMomentum (elementwise)": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3, keys="elementwise"),
-        "DeltaMomentum (matrix)": lambda ps: deepopt.DeltaMomentum(ps, lr=1e-3, keys="matrix"),
-        "DeepMomentum (identity)": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3),
-        "DeepMomentum (newton_schulz)": lambda ps: deepopt.DeepMomentum(ps, lr=1e-3, output="newton_schulz"),
-        "M3": lambda ps: deepopt.M3(_m3_groups(ps), lr=0.02),
     }
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    for name, make in DEEPOPT.items():
+        for impl, flags in IMPLEMENTATIONS.items():
+            if impl == "cuda" and not (cuda and name.startswith("AssociativeMomentum")):
+                continue
+            if impl == "triton" and not (cuda or interpreter):
+                continue
+            opts[f"{name} [{impl}]"] = lambda ps, make=make, flags=flags: make(ps, **flags)
     if hasattr(torch.optim, "Muon"):
         opts["torch Muon"] = lambda ps: torch.optim.Muon([p for p in ps if p.ndim == 2], lr=0.02)
     return opts
@@ -128,7 +147,7 @@ def measure_set(name: str, shapes, device: str, timer, only=None) -> list[dict]:
     rows = []
 
     def row(opt_name, ms, extra=None):
-        reads, writes = TRAFFIC[opt_name]
+        reads, writes = TRAFFIC[opt_name.split(" [")[0]]
         gbytes = (reads + writes) * numel * elsize / 1e9
         r = dict(set=name, optimizer=opt_name, ms=ms, gb_per_s=gbytes / (ms / 1e3) if ms else None,
                  bytes=int(gbytes * 1e9), tensors=len(shapes), params=numel)
@@ -168,7 +187,7 @@ def measure_set(name: str, shapes, device: str, timer, only=None) -> list[dict]:
             continue
         r["pct_of_copy"] = 100 * r["gb_per_s"] / copy_gbps
         # Adam-like rules against torch's fused AdamW, the others against its fused SGD
-        baseline = adam if "adam" in r["optimizer"].lower() or r["optimizer"] == "M3" else sgd
+        baseline = adam if "adam" in r["optimizer"].lower() or r["optimizer"].startswith("M3") else sgd
         r["ratio_to_torch_fused"] = r["ms"] / baseline if baseline and r["optimizer"] != "copy" else None
     return rows
 

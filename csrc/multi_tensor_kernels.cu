@@ -11,7 +11,7 @@ namespace deepopt {
 namespace {
 
 // What every rule shares: lr (or its device scalar), GradScaler's scale / found_inf, and the
-// gradient pre-processing of DESIGN §2 (unscale, maximize, coupled weight decay).
+// gradient pre-processing (unscale, maximize, coupled weight decay), as deepopt/functional.py.
 struct Common {
   float lr, wd, decay;
   const float* lr_ptr;

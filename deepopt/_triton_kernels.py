@@ -70,7 +70,7 @@ def _preprocessed(p_ptr, ptrs, n_tensors, t, valid, offs, m, scale_ptr, wd, HAS_
                   G_DT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
                   LOAD_P: tl.constexpr):
     """(G, p) in fp32: the unscaled gradient, negated if maximize, plus coupled weight decay
-    (DESIGN §2's pre-processing, as functional.decay_and_preprocess). ``p`` is read only when
+    (the pre-processing of functional.decay_and_preprocess). ``p`` is read only when
     the caller needs it (``LOAD_P``) or the decay does; otherwise it is 0."""
     g = _grad(ptrs, n_tensors, t, valid, offs, m, scale_ptr, HAS_SCALE, G_DT)
     if MAXIMIZE:

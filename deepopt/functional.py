@@ -85,7 +85,7 @@ def preprocess_grad(grad: Tensor, param: Tensor, *, weight_decay: float = 0.0,
 
 def decay_and_preprocess(param: Tensor, grad: Tensor, *, lr, weight_decay: float, maximize: bool,
                          decoupled_weight_decay: bool) -> Tensor:
-    """DESIGN §2's pre-processing for one param: decoupled weight decay ``p *= 1 - lr * wd`` (in
+    """The gradient pre-processing for one param: decoupled weight decay ``p *= 1 - lr * wd`` (in
     place, before the update) or coupled decay in ``G``; returns ``G`` (see :func:`preprocess_grad`)."""
     if decoupled_weight_decay:
         if weight_decay != 0:

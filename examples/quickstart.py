@@ -29,19 +29,14 @@ def two_spirals(n, noise=0.1, seed=0):
 
 
 def build_optimizer(name, model, lr):
-    if name == "deep":
-        return deepopt.DeepMomentum(model.parameters(), lr=lr, momentum=0.9)
-    if name == "delta":
-        return deepopt.DeltaMomentum(model.parameters(), lr=lr, momentum=0.9, delta=0.3)
-    if name == "associative":
-        return deepopt.AssociativeMomentum(model.parameters(), lr=lr, momentum=0.9)
-    if name == "m3":   # hidden matrices to M3, the rest (biases, first and last layer) to AdamW
-        return deepopt.M3(deepopt.M3.matrix_groups(model, lr=3e-3), lr=lr, precondition=False)
+    """deepopt.create_optimizer routes the params: matrices to the rule; for m3 the rest to AdamW."""
     if name == "multifreq":   # first layer updates every 4 steps on its summed gradients
-        return deepopt.MultiFrequency(deepopt.DeepMomentum(
-            [{"params": model[0].parameters(), "update_every": 4},
-             {"params": [p for layer in model[1:] for p in layer.parameters()]}], lr=lr, momentum=0.9))
-    raise ValueError(f"unknown optimizer {name!r}")
+        return deepopt.create_optimizer(model, "multifreq:deep", lr=lr, periods={r"^0\.": 4}, reduce="sum")
+    if name == "m3":
+        return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=3e-3, precondition=False)
+    if name == "delta":
+        return deepopt.create_optimizer(model, "delta", lr=lr, delta=0.3)
+    return deepopt.create_optimizer(model, "sgd" if name == "associative" else name, lr=lr)
 
 
 def main(argv=None):

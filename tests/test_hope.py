@@ -43,7 +43,7 @@ def test_causality(i):
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 @pytest.mark.parametrize("c", [1, 4, 16])
 def test_model_chunked_equals_chunk_start_loop(memory, c, monkeypatch):
-    """The model's chunk-wise memories equal the per-token chunk-start loop (DESIGN §5)."""
+    """The model's chunk-wise memories equal the per-token chunk-start loop."""
     from deepopt import memory
     torch.manual_seed(1)
     m = hm.HOPE(tiny(memory=memory, chunk_size=c, gen_chunk_size=16)).double()

@@ -58,7 +58,7 @@ def test_linear_chunked_equals_chunk_start_loop(c, self_values, objective):
     y2, M2 = mem.linear_memory_reference(M0, k, v, eta, alpha, q, chunk_size=c, self_values=self_values)
     torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(M, M2, rtol=1e-10, atol=1e-10)
-    # M_end closed form of DESIGN §5 for a single chunk
+    # the closed form of M_end for a single chunk (deepopt/memory.py)
     if c == 16:
         kc, vc, ec, ac = k[..., :16, :], v[..., :16, :], eta[..., :16], alpha[..., :16]
         _, Mc = mem.linear_memory_write(M0, kc, vc, ec, ac, chunk_size=16, self_values=self_values)

@@ -1,4 +1,4 @@
-"""Tests for deepopt.multi_frequency.MultiFrequency (DESIGN §3.5)."""
+"""Tests for deepopt.multi_frequency.MultiFrequency."""
 
 import copy
 import pickle

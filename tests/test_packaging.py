@@ -1,5 +1,6 @@
 """The wheel ships the CUDA sources of csrc/ and, installed on its own, the loader finds them."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,9 +14,14 @@ SOURCES = {"bindings.cpp", "multi_tensor.h", "multi_tensor_apply.cuh", "multi_te
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source")
+    # build from a copy: setuptools leaves build/ behind, and a stale build/ would leak into wheels
+    for name in ("setup.py", "README.md", "MANIFEST.in"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("deepopt", "csrc"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(out), str(source)], check=True, capture_output=True)
     wheels = list(out.glob("deepopt_torch-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]

@@ -1,4 +1,4 @@
-"""The exact reductions of DESIGN §3 (the anchor table), checked bit for bit against torch.
+"""The exact reductions to torch (README's table), checked bit for bit against torch.
 
 Each test draws shapes, dtype and hyperparameters with hypothesis, steps both optimizers 20
 times on the same fresh random gradients with an LR scheduler, on the for-loop and the

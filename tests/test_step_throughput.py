@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_step_throughput_tiny(tmp_path):
     out = tmp_path / "step.json"
-    only = ["torch SGD fused", "AssociativeMomentum (sgd)", "AssociativeMomentum (adam)",
-            "DeltaMomentum (elementwise)", "DeepMomentum (identity)", "M3"]
+    only = ["torch SGD fused", "AssociativeMomentum (sgd) [foreach]", "AssociativeMomentum (adam) [foreach]",
+            "DeltaMomentum (elementwise) [foreach]", "DeepMomentum (identity) [foreach]", "M3 [foreach]"]
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--tiny", "--out", str(out),
                     "--only", *only], check=True, cwd=ROOT, timeout=600,
                    env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"})

@@ -20,27 +20,26 @@ def make_problem(seed=0):
     return student, x, y
 
 
+# name -> create_optimizer arguments (the one way to build an optimizer for a model)
 OPTIMIZERS = {
-    "associative": lambda m: deepopt.AssociativeMomentum(m.parameters(), lr=0.05, momentum=0.9),
-    "associative_adam": lambda m: deepopt.AssociativeMomentum(m.parameters(), lr=3e-3, preconditioner="adam"),
-    "delta": lambda m: deepopt.DeltaMomentum(m.parameters(), lr=0.05, momentum=0.9, delta=0.5),
-    "delta_elementwise": lambda m: deepopt.DeltaMomentum(m.parameters(), lr=0.05, momentum=0.9, delta=0.5,
-                                                         keys="elementwise"),
-    "deep": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.05, momentum=0.9, memory_lr=0.01),
-    "deep_l2_ns": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.02, momentum=0.9, objective="l2",
-                                                 output="newton_schulz"),
-    "m3": lambda m: deepopt.M3(deepopt.M3.matrix_groups(m, lr=3e-3), lr=0.01, chunk=4, precondition=False),
-    "m3_preconditioned": lambda m: deepopt.M3(deepopt.M3.matrix_groups(m, lr=3e-3), lr=1e-3, chunk=4),
-    "multi_frequency": lambda m: deepopt.MultiFrequency(deepopt.DeepMomentum(
-        [{"params": m[0].parameters(), "update_every": 2}, {"params": list(m[2].parameters())
-                                                             + list(m[4].parameters())}], lr=0.05)),
+    "sgd": dict(name="sgd", lr=0.05),
+    "adamw": dict(name="adamw", lr=3e-3),
+    "delta": dict(name="delta", lr=0.05),
+    "delta_elementwise": dict(name="delta", lr=0.05, keys="elementwise"),
+    "deep": dict(name="deep", lr=0.05, memory_lr=0.01),
+    "deep_l2": dict(name="deep", lr=0.05, objective="l2"),
+    "deep_ns": dict(name="deep-ns", lr=0.02, adamw_lr=3e-3),
+    "m3": dict(name="m3", lr=0.01, adamw_lr=3e-3, chunk=4, precondition=False),
+    "m3_preconditioned": dict(name="m3", lr=1e-3, adamw_lr=3e-3, chunk=4),
+    "multi_frequency": dict(name="multifreq:deep", lr=0.05, periods={r"^0\.": 2}, reduce="sum"),
 }
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_optimizer_trains(name):
     model, x, y = make_problem()
-    opt = OPTIMIZERS[name](model)
+    kw = dict(OPTIMIZERS[name])
+    opt = deepopt.create_optimizer(model, kw.pop("name"), **kw)
     loss_fn = torch.nn.MSELoss()
     with torch.no_grad():
         start = loss_fn(model(x), y).item()

@@ -3,7 +3,7 @@
 Read top to bottom (nanoGPT style):
 
 1. ``HopeConfig`` / ``TransformerConfig``: every knob, with ablation switches.
-2. ``SelfModifyingTitans``: the in-context part of a HOPE block (DESIGN §5). Per head, memories
+2. ``SelfModifyingTitans``: the in-context part of a HOPE block (arXiv 2512.24695, Sec. 8). Per head, memories
    generate their own keys, values, write rates and retention from the (conv-mixed) input,
    ``k = M_k(x), v = M_v(x), eta = M_eta(x), alpha = M_alpha(x)``; ``q = x W_q`` is the only fixed
    projection; the output is ``y = M_mem(q)``. q, k and v are L2-normalized (v too: with
