@@ -39,6 +39,7 @@ __all__ = [
     "momentum_readout",
     "momentum_readout_foreach",
     "adam_update_",
+    "second_moment_write_",
     "delta_forget",
     "delta_forget_",
     "delta_momentum_write",
@@ -163,6 +164,17 @@ def momentum_readout_foreach(gs: list[Tensor], bufs: list[Tensor], momentum: flo
 
 
 # ------------------------------------------------------------------------------ Adam value map
+def second_moment_write_(exp_avg_sq: Tensor, g: Tensor, beta2: float) -> Tensor:
+    """The second-moment memory of Adam and M3: ``S <- beta2 S + (1 - beta2) G^2`` (torch's ops)."""
+    return exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+
+def second_moment_write_foreach_(exp_avg_sqs: list[Tensor], gs: list[Tensor], beta2: float) -> None:
+    """:func:`second_moment_write_` over lists of one device and dtype."""
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - beta2)
+
+
 def adam_update_(param: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, *,
                  lr, beta1: float, beta2: float, eps: float) -> None:
     r"""The memory with Adam's value map, op for op as torch's ``_single_tensor_adam``:
@@ -176,7 +188,7 @@ def adam_update_(param: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     """
     step += 1
     exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    second_moment_write_(exp_avg_sq, g, beta2)
     t = step.item()
     bias_correction1 = 1 - beta1 ** t
     bias_correction2 = 1 - beta2 ** t
@@ -195,8 +207,7 @@ def adam_update_foreach_(params: list[Tensor], gs: list[Tensor], exp_avgs: list[
     else:
         torch._foreach_add_(steps, 1)
     torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - beta2)
+    second_moment_write_foreach_(exp_avg_sqs, gs, beta2)
     bias_correction1 = [1 - beta1 ** s.item() for s in steps]
     bias_correction2 = [1 - beta2 ** s.item() for s in steps]
     step_size = [(lr / bc) * -1 for bc in bias_correction1]

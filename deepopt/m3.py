@@ -68,13 +68,12 @@ def _single_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_
     lr = _to_scalar(lr)
     lerp = dampening == momentum
     for p, grad, state in zip(params, grads, states):
-        g = Fn.preprocess_grad(grad, p, maximize=maximize)
+        g = Fn.decay_and_preprocess(p, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
+                                    decoupled_weight_decay=True)
         state["step"] += 1
         Fn.momentum_write_(state["momentum_buffer"], g, momentum, dampening, lerp=lerp)
-        state["exp_avg_sq"].mul_(rule["beta2"]).addcmul_(g, g, value=1 - rule["beta2"])
+        Fn.second_moment_write_(state["exp_avg_sq"], g, rule["beta2"])
         state["chunk_sum"].add_(g)
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
         _m3_update_(p, g, state, lr=lr, momentum=momentum, lerp=lerp, **rule)
 
 
@@ -87,15 +86,12 @@ def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_d
                                ("momentum_buffer", "exp_avg_sq", "chunk_sum", "step")]
     grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
     for (device_params, device_grads, bufs, exp_avg_sqs, chunk_sums, steps), indices in grouped.values():
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
+        device_grads = Fn.decay_and_preprocess_foreach(device_params, device_grads, lr=lr, weight_decay=weight_decay,
+                                                       maximize=maximize, decoupled_weight_decay=True)
         torch._foreach_add_(steps, 1)
         Fn.momentum_write_foreach_(bufs, device_grads, momentum, dampening, lerp=lerp)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, device_grads, device_grads, 1 - beta2)
+        Fn.second_moment_write_foreach_(exp_avg_sqs, device_grads, beta2)
         torch._foreach_add_(chunk_sums, device_grads)
-        if weight_decay != 0:
-            torch._foreach_mul_(device_params, 1 - lr * weight_decay)   # as torch's foreach AdamW
         for i, (p, g) in enumerate(zip(device_params, device_grads)):
             _m3_update_(p, g, states[indices[i]], lr=lr, momentum=momentum, lerp=lerp, **rule)
 
