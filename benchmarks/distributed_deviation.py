@@ -3,8 +3,8 @@
     python benchmarks/distributed_deviation.py          # 2 gloo ranks on CPU, ~1 minute
 
 Reuses the configurations and workers of tests/test_distributed.py (tests/_dist_worker.py):
-5 steps of a 3-layer MLP on a global batch of 8, split over 2 ranks; the DCP column saves a
-checkpoint from 2 FSDP2 ranks after 5 steps and resumes it in one process for 5 more. Writes
+10 steps of a 3-layer MLP on a global batch of 8, split over 2 ranks; the DCP column saves a
+checkpoint from 2 FSDP2 ranks after 10 steps and resumes it in one process for 10 more. Writes
 benchmarks/results/distributed_deviation.json and prints a markdown table.
 """
 

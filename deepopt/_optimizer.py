@@ -35,7 +35,10 @@ from ._validation import check_choice, check_range, check_state_dtype, split_nam
 _NONFINITE_POLICIES = ("propagate", "skip", "raise")
 _FUSED_BACKENDS = ("triton", "cuda")
 #: what an ``algorithm="adamw"`` group uses when the optimizer's defaults have no such key
-ADAMW_GROUP_FALLBACKS = dict(beta2=0.999, eps=1e-8)
+ADAMW_GROUP_FALLBACKS = dict(beta2=0.999)
+#: AdamW's eps unless the group sets one (a rule's own ``eps`` means something else: M3's
+#: preconditioner floor, DeepMomentum's key epsilon)
+ADAMW_EPS = 1e-8
 
 
 class Rule(NamedTuple):
@@ -69,6 +72,7 @@ class DeepOptimizer(Optimizer):
             for key, value in ADAMW_GROUP_FALLBACKS.items():
                 param_group.setdefault(key, self.defaults.get(key, value))
             param_group.setdefault("dampening", None)   # AdamW writes at 1 - momentum, whatever the rule's default
+            param_group.setdefault("eps", ADAMW_EPS)
         merged = {**self.defaults, **param_group}
         names, merged["params"] = split_names(params)
         if names is not None:

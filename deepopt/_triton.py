@@ -319,11 +319,10 @@ def hyper(device, *values: float) -> Tensor:
 
 
 def apply_update_(params, updates, *, lr, lr_scales, weight_decay, state_dtype, amp=None, slow=None,
-                 slow_weight=0.0, exp_avg_sqs=None, bias_corrections2=None, eps=0.0):
+                  slow_weight=0.0):
     """The last step of the matrix rules (DeepMomentum, M3), one launch:
-    ``p <- p (1 - lr wd) - lr * scale_t * U`` over matrices of one device and dtype, with
-    ``U = X [+ slow_weight * O] [/ (sqrt(S / bc2_t) + eps)]`` (DeepMomentum's and M3's last step).
-    ``updates`` (X) share one dtype (bf16 after Newton-Schulz, or the state dtype)."""
+    ``p <- p (1 - lr wd) - lr * scale_t * (X [+ slow_weight * O])`` over matrices of one device
+    and dtype. ``updates`` (X) share one dtype (bf16 after Newton-Schulz, or the state dtype)."""
     if not params:
         return
     device = params[0].device
@@ -331,17 +330,13 @@ def apply_update_(params, updates, *, lr, lr_scales, weight_decay, state_dtype, 
     ps = [fix(p) for p in params]
     xs = dense(updates)
     lr_f, lr_t, lr_tensor = lr_args(lr, device)
-    first = [s if lr_tensor else lr_f * s for s in lr_scales]
-    cols = [first, bias_corrections2 if bias_corrections2 is not None else [1.0] * len(ps)]
+    scales = [s if lr_tensor else lr_f * s for s in lr_scales]
     _, inf_t, _, has_inf = amp_args(amp, device)
     has_slow = slow is not None and slow_weight != 0
-    precond = exp_avg_sqs is not None
-    none = [None] * len(ps)
-    launch("apply", [ps, xs, slow if has_slow else none, exp_avg_sqs if precond else none],
-            (lr_f, lr_t if lr_tensor else dummy(device), inf_t, float(weight_decay),
-             float(1 - lr_f * weight_decay), float(slow_weight), float(eps)),
-            dict(P_DT=tl_dtype(ps[0].dtype), X_DT=tl_dtype(xs[0].dtype), S_DT=tl_dtype(state_dtype),
-                 HAS_WD=weight_decay != 0, HAS_SLOW=has_slow, PRECOND=precond, LR_TENSOR=lr_tensor,
-                 HAS_INF=has_inf),
-            cols=cols)
+    launch("apply", [ps, xs, slow if has_slow else [None] * len(ps)],
+           (lr_f, lr_t if lr_tensor else dummy(device), inf_t, float(weight_decay),
+            float(1 - lr_f * weight_decay), float(slow_weight)),
+           dict(P_DT=tl_dtype(ps[0].dtype), X_DT=tl_dtype(xs[0].dtype), S_DT=tl_dtype(state_dtype),
+                HAS_WD=weight_decay != 0, HAS_SLOW=has_slow, LR_TENSOR=lr_tensor, HAS_INF=has_inf),
+           cols=[scales])
     fix.done()

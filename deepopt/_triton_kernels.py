@@ -264,13 +264,12 @@ def m3_write_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog,
             p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
             tl.store(p_ptr + offs, (p * decay_v).to(P_DT), mask=st)
 
-# -- the last step of the matrix rules: p <- p * decay - lr_t * (X [+ w O] [/ (sqrt(S/bc2_t)+eps)])
+# -- the last step of the matrix rules: p <- p * decay - lr_t * (X [+ w O])
 @triton.jit
 def apply_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, cols,
-                 lr, lr_ptr, inf_ptr, wd, decay, slow_weight, eps,
+                 lr, lr_ptr, inf_ptr, wd, decay, slow_weight,
                  P_DT: tl.constexpr, X_DT: tl.constexpr, S_DT: tl.constexpr,
-                 HAS_WD: tl.constexpr, HAS_SLOW: tl.constexpr, PRECOND: tl.constexpr,
-                 LR_TENSOR: tl.constexpr, HAS_INF: tl.constexpr,
+                 HAS_WD: tl.constexpr, HAS_SLOW: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_INF: tl.constexpr,
                  ITERS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lr_v = _lr(lr, lr_ptr, LR_TENSOR)
@@ -278,7 +277,7 @@ def apply_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, cols,
     for i in range(ITERS):
         t, offs, m, valid = _elements(chunks, sizes, n_tensors, n_chunks, pid, i, nprog, BLOCK)
         st = _ok(m, offs, inf_ptr, HAS_INF)
-        # cols: [lr scale (lr tensor) or adjusted lr (float lr) | 1 - beta2**t]
+        # cols: the lr scale (lr tensor) or the adjusted lr (float lr) of each tensor
         lr_t = tl.load(cols + t, mask=valid, other=0.0)
         if LR_TENSOR:
             lr_t = lr_v * lr_t
@@ -288,10 +287,6 @@ def apply_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, cols,
         if HAS_SLOW:
             o = tl.load(_ptr(ptrs, 2, n_tensors, t, valid, S_DT) + offs, mask=m, other=0.0).to(tl.float32)
             u = u + slow_weight * o
-        if PRECOND:
-            bc2 = tl.load(cols + n_tensors + t, mask=valid, other=1.0)
-            s = tl.load(_ptr(ptrs, 3, n_tensors, t, valid, S_DT) + offs, mask=m, other=0.0).to(tl.float32)
-            u = u / (tl.sqrt(s / bc2) + eps)
         if HAS_WD:
             p = p * decay_v
         p = p + (-lr_t) * u

@@ -39,7 +39,7 @@ RECIPES: dict[str, tuple[type, float, dict[str, Any], bool]] = {
     "deep": (DeepMomentum, 0.1, dict(momentum=0.9), False),
     "deep-ns": (DeepMomentum, 1e-2, dict(momentum=0.95, dampening=0.95, nesterov=True, output="newton_schulz",
                                          adjust_lr="original", decoupled_weight_decay=True), True),
-    "m3": (M3, 0.02, dict(), True),
+    "m3": (M3, 1e-2, dict(), True),
 }
 #: the AdamW part of the Newton-Schulz recipes
 ADAMW_DEFAULTS = dict(lr=1e-3, momentum=0.9, beta2=0.95, eps=1e-8)

@@ -51,6 +51,7 @@ __all__ = [
     "mlp_memory_step_",
     "newton_schulz",
     "adjust_lr",
+    "scale_free_precondition",
     "matrix_shape",
     "as_matrix",
     "NS_COEFFICIENTS",
@@ -396,6 +397,32 @@ def newton_schulz(u: Tensor, steps: int = 5, coefficients: tuple[float, float, f
     if tall:
         x = x.mT
     return x
+
+
+def rms(t: Tensor) -> Tensor:
+    """Root mean square over the last two dims (keepdim), of any dtype, in at least fp32."""
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    return t.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+
+
+def scale_free_precondition(u: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
+    r"""M3's preconditioner without its ``1/|g|`` scale: divide by the second-moment root taken
+    relative to its own RMS, then give the result ``u``'s RMS.
+
+    .. math::
+        d = \sqrt{S} / \mathrm{rms}(\sqrt{S}), \qquad v = u / (d + \epsilon), \qquad
+        \text{out} = v\, \mathrm{rms}(u) / \mathrm{rms}(v)
+
+    ``eps`` is relative to the typical ``sqrt(S)``: it caps a coordinate's weight at ``1/eps``
+    times the typical one. The output does not depend on the gradient's scale, and scales with
+    ``u`` as Muon's update does. A scalar factor of ``S`` (Adam's bias correction ``1 - beta2^t``)
+    cancels, so none is applied. Matrices ``(..., r, c)``; computed in fp32 or wider.
+    """
+    d = exp_avg_sq.sqrt()
+    tiny = torch.finfo(d.dtype).tiny
+    d = d / rms(d).clamp_min(tiny)
+    v = u.to(d.dtype) / (d + eps)
+    return v * (rms(u) / rms(v).clamp_min(tiny))
 
 
 def adjust_lr(lr, mode: str | None, shape) -> float:

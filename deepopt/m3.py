@@ -9,14 +9,18 @@ second-moment preconditioner:
     A &\leftarrow A + G; \quad \text{every } C \text{ steps: }
     M_2 \leftarrow \mu_s M_2 + (1-\mu_s) A / C,\; O_2 = \mathrm{NS}(M_2),\; A \leftarrow 0 \\
     U &= \mathrm{NS}(\text{readout}(M_1)) + \alpha\, O_2, \qquad
-    U \leftarrow U / (\sqrt{\hat S} + \epsilon) \text{ if precondition}, \qquad
+    V = U / (\hat d + \epsilon),\; \hat d = \frac{\sqrt{S}}{\mathrm{rms}(\sqrt{S})},\;
+    U \leftarrow V\, \frac{\mathrm{rms}(U)}{\mathrm{rms}(V)} \text{ if precondition}, \qquad
     W \leftarrow W (1 - \text{lr}\,\lambda) - \text{lr}' U
 
-``lr'`` is Muon's shape-adjusted lr. The published Alg. 1 is partly garbled (undecayed sums
+(:math:`\hat S` of Alg. 1 differs from ``S`` by a scalar, which the relative ``d`` cancels.) ``lr'`` is Muon's shape-adjusted lr. The published Alg. 1 is partly garbled (undecayed sums
 ``M1 += b1 g``, ``M2 += b3 sum g``, and a sign conflict with Eq. 75); deepopt's frozen reading
 uses EMAs for both memories (the chunk average for the slow one) and ``O_2 = 0`` before the
-first chunk boundary. With ``precondition=True`` the update scales like ``1/|g|`` (unlike Adam
-or Muon, whose updates are scale-free): sweep the lr over a wide log grid.
+first chunk boundary. The preconditioner is applied scale-free (deepopt's choice): Alg. 1's
+``U / (sqrt(S_hat) + eps)`` scales like ``1/|g|``, needed lrs of 1e-6..1e-4 and amplified last-bit
+differences (DDP, compile) a million-fold. Here ``sqrt(S)`` is taken relative to its RMS and the
+result gets ``U``'s RMS back, so the preconditioner only reweights coordinates and the lr keeps
+Muon's meaning (``functional.scale_free_precondition``).
 ``slow_weight=0, precondition=False, nesterov=True`` is ``torch.optim.Muon`` bit for bit.
 
 M3 is for hidden matrices. A group with ``algorithm="adamw"`` runs AdamW (``betas =
@@ -40,26 +44,25 @@ from .functional import as_matrix
 __all__ = ["M3"]
 
 
-def _slow_memory_step_(p, state, *, chunk, slow_momentum, ns_steps) -> int:
-    """At a chunk boundary: ``M2 <- lerp(M2, A / C, 1 - mu_s)``, ``O2 = NS(M2)``, ``A = 0``. Returns ``t``."""
+def _slow_memory_step_(p, state, *, chunk, slow_momentum, ns_steps) -> None:
+    """At a chunk boundary: ``M2 <- lerp(M2, A / C, 1 - mu_s)``, ``O2 = NS(M2)``, ``A = 0``."""
     t = int(state["step"].item())   # a CPU counter: no device sync
     if t % chunk == 0:
         slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)
         state["slow_output"].copy_(Fn.newton_schulz(as_matrix(slow), steps=ns_steps).reshape(p.shape))
         state["chunk_sum"].zero_()
-    return t
 
 
 def _m3_update_(p, g, state, *, lr, momentum, nesterov, lerp, slow_momentum, beta2, slow_weight,
                 chunk, eps, precondition, ns_steps, adjust_lr):
     """Everything after the every-step writes of M1, S and A (one param)."""
-    t = _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
+    _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
     u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
     u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
     if slow_weight != 0:
         u = u.add(state["slow_output"], alpha=slow_weight)
     if precondition:
-        u = u / ((state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(eps))
+        u = Fn.scale_free_precondition(as_matrix(u), as_matrix(state["exp_avg_sq"]), eps).reshape(p.shape)
     p.add_(u, alpha=-Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape))
 
 
@@ -123,17 +126,20 @@ def _fused_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, m
                       W_SMALL=abs(write_rate) < 0.5, HAS_WD=weight_decay != 0, LR_TENSOR=lr_tensor,
                       HAS_SCALE=False, HAS_INF=False))
         fix.done()
-        xs, scales, bcs = [], [], []
+        xs, scales = [], []
         for p, g, state in zip(ps, gs, sts):
-            t = _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
+            _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
             u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-            xs.append(Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape))
+            x = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
+            if precondition:   # two reductions per matrix: torch ops, as the for-loop path
+                if slow_weight != 0:
+                    x = x.add(state["slow_output"], alpha=slow_weight)
+                x = Fn.scale_free_precondition(as_matrix(x), as_matrix(state["exp_avg_sq"]), eps).reshape(p.shape)
+            xs.append(x)
             scales.append(float(Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape)))
-            bcs.append(1 - beta2 ** t)
+        # (xs share one dtype: bf16 after Newton-Schulz, or the state dtype once preconditioned)
         T.apply_update_(ps, xs, lr=lr, lr_scales=scales, weight_decay=0.0, state_dtype=s_dtype,
-                        slow=[s["slow_output"] for s in sts], slow_weight=slow_weight,
-                        exp_avg_sqs=[s["exp_avg_sq"] for s in sts] if precondition else None,
-                        bias_corrections2=bcs, eps=eps)
+                        slow=None if precondition else [s["slow_output"] for s in sts], slow_weight=slow_weight)
 
 
 M3_RULE = Rule(_single_tensor_m3, _multi_tensor_m3, _fused_m3)
@@ -145,7 +151,9 @@ class M3(DeepOptimizer):
 
     .. math::
         W \leftarrow W(1 - \text{lr}\,\lambda) - \text{lr}'\,
-        \frac{\mathrm{NS}(\text{readout}(M_1)) + \alpha\, \mathrm{NS}(M_2)}{\sqrt{\hat S} + \epsilon}
+        P\big(\mathrm{NS}(\text{readout}(M_1)) + \alpha\, \mathrm{NS}(M_2)\big)
+
+    with ``P`` the scale-free preconditioner (module docstring) or the identity.
 
     Args:
         params: matrices (ndim >= 2; conv weights are seen as ``(out, in*kh*kw)``) or groups;
@@ -159,8 +167,9 @@ class M3(DeepOptimizer):
         beta2: second-moment retention in [0, 1).
         slow_weight: ``alpha`` >= 0, weight of the slow memory's output.
         chunk: slow update period ``C``, an int >= 1.
-        eps: preconditioner epsilon >= 0.
-        precondition: divide the update by ``sqrt(S_hat) + eps``.
+        eps: preconditioner floor >= 0, relative to the typical ``sqrt(S)``: no coordinate gets
+            more than ``1/eps`` times the typical weight.
+        precondition: reweight the update by ``1 / (sqrt(S) / rms(sqrt(S)) + eps)``, keeping its RMS.
         ns_steps: Newton-Schulz iterations, 1..99.
         adjust_lr: ``"original"`` (default), ``"match_rms_adamw"`` or ``None``.
         maximize, foreach, fused, state_dtype, nonfinite: as :class:`~deepopt.AssociativeMomentum`.
@@ -171,8 +180,8 @@ class M3(DeepOptimizer):
 
     _algorithm = "m3"
 
-    def __init__(self, params, lr=0.02, momentum=0.95, dampening=None, weight_decay=0.0,
-                 nesterov=False, *, slow_momentum=0.99, beta2=0.95, slow_weight=1.0, chunk=16, eps=1e-8,
+    def __init__(self, params, lr=0.01, momentum=0.95, dampening=None, weight_decay=0.0,
+                 nesterov=False, *, slow_momentum=0.99, beta2=0.95, slow_weight=1.0, chunk=16, eps=0.01,
                  precondition=True, ns_steps=5, adjust_lr="original", maximize=False, foreach=None,
                  fused=None, state_dtype=None, nonfinite="propagate"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,

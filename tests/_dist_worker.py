@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import deepopt
 
-STEPS, GLOBAL_BATCH = 5, 8
+STEPS, GLOBAL_BATCH = 10, 8
 
 
 def make_model():
@@ -33,9 +33,9 @@ CONFIGS = {
     "delta_elementwise": lambda m: deepopt.DeltaMomentum(m.parameters(), lr=0.05, keys="elementwise"),
     "deep": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.05, memory_lr=0.05),
     "deep_ns_l2": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.02, objective="l2", output="newton_schulz"),
-    "m3": lambda m: deepopt.M3(deepopt.M3.matrix_groups(m, lr=1e-3), lr=0.01, chunk=2, precondition=False),
-    # eps bounds the 1/|g| amplification of last-bit differences where a gradient coordinate is ~0
-    "m3_preconditioned": lambda m: deepopt.M3(deepopt.M3.matrix_groups(m, lr=1e-3), lr=1e-3, chunk=2, eps=1e-3),
+    "m3": lambda m: deepopt.create_optimizer(m, "m3", lr=0.01, adamw_lr=1e-3, chunk=2, precondition=False),
+    # M3 at its defaults (lr 0.01, the scale-free preconditioner), a chunk boundary every 2 steps
+    "m3_preconditioned": lambda m: deepopt.create_optimizer(m, "m3", adamw_lr=1e-3, chunk=2),
     "multifreq_adamw": lambda m: deepopt.MultiFrequency(torch.optim.AdamW(
         [{"params": m[0].parameters(), "update_every": 2},
          {"params": list(m[2].parameters()) + list(m[4].parameters())}], lr=0.01)),
