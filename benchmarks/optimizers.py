@@ -18,7 +18,7 @@ Names:
     delta        deepopt.DeltaMomentum, momentum 0.9, delta 0.5, keys="matrix" (the defaults)
     delta-spectral  the same with keys="spectral" (keys over sigma_1: the comparison the Frobenius keys need)
     deep         deepopt.DeepMomentum, momentum 0.9, defaults (MLP memory, dot objective,
-                 identity output)
+                 identity output; memory_lr 1 since the memory redesign)
     deep-ns      deepopt.DeepMomentum(output="newton_schulz", momentum=dampening=0.95, Nesterov,
                  adjust_lr="original") on the matrices + AdamW (aux_lr) for the rest
     m3           deepopt.M3 (defaults) on M3.matrix_groups(model), AdamW (aux_lr) for the rest
@@ -131,7 +131,7 @@ def build_mf_deep(model, lr, mf_periods, seed=0, **kw):
 SGD_GRID = log_grid(-2.5, -0.5)          # 3.16e-3 .. 0.316
 ADAM_GRID = log_grid(-3.5, -1.5)         # 3.16e-4 .. 3.16e-2
 MUON_GRID = log_grid(-2.5, -0.5)         # 3.16e-3 .. 0.316
-M3_GRID = log_grid(-6, -4)               # 1e-6 .. 1e-4 (preconditioned: the update scales like 1/|g|)
+M3_GRID = log_grid(-3, -1)               # 1e-3 .. 0.1 (the scale-free preconditioner keeps Muon's lr scale)
 
 OPTIMIZERS = {
     # name: (build, grid, needs aux_lr, twin for confirming runs, needs MF periods, deepopt?)
@@ -157,12 +157,10 @@ GRID_OVERRIDES = {
     ("rosenbrock", "delta-spectral"): log_grid(-5, -3),
     ("rosenbrock", "deep"): log_grid(-5, -3),
     ("rosenbrock", "adamw"): log_grid(-2, 0),
-    ("rosenbrock", "m3"): log_grid(-3, -1),
     ("noisy_quadratic", "sgd"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "delta"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "delta-spectral"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "deep"): log_grid(-1.5, 0.5),
-    ("noisy_quadratic", "m3"): log_grid(-5, -3),
 }
 
 QUICK_GRID_SIZE = 3

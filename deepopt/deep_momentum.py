@@ -20,9 +20,18 @@ matrix-valued memory with a deep one, trained by its own inner objective. deepop
   with ``sigma`` the identity or Newton-Schulz (``output="newton_schulz"``: Eq. 52, which with a
   linear memory is Muon).
 
-``A ~ N(0, 1/d)`` from a generator seeded by ``(seed, index of the param)`` (never the global
-RNG: DDP ranks agree and the user's RNG stream is untouched), ``B = 0`` so ``f = 0`` at the
-start. Params with ndim < 2 have no rows to key: they use the linear memory only (momentum).
+``A ~ N(0, 1/d)`` (``memory_init=None``; a number ``s`` gives ``N(0, s^2)``, pre-activations of
+std ``s``) from a generator seeded by ``(seed, index of the param)`` (never the global RNG: DDP
+ranks agree and the user's RNG stream is untouched), ``B = 0`` so ``f = 0`` at the start. Params
+with ndim < 2 have no rows to key: they use the linear memory only (momentum).
+``linear_memory=False`` is the paper's DMGD form: the update reads the MLP alone, ``s f(K)``.
+``eps`` is relative to ``s`` (keys ``g_i / (||g_i|| + eps s)``), so the rule is the same at every
+gradient scale.
+
+How much the MLP carries (``benchmarks/deep_memory.py``, README): with these defaults its part of
+the update, ``||s f(K)|| / ||M||``, is ~3e-3 after 100 steps on the benchmark MLP, and DeepMomentum
+behaves as SGD-momentum. Every setting tried that gives the MLP a share >= 0.3 either diverged or
+trained worse than SGD-momentum there.
 
 Exact reductions: ``memory_lr=0, objective="dot", output="identity", dampening=0`` is
 ``torch.optim.SGD``; ``memory_lr=0, output="newton_schulz", dampening=momentum, nesterov,
@@ -46,20 +55,23 @@ __all__ = ["DeepMomentum"]
 
 
 def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_lr, memory_decay,
-               adjust_lr, ns_steps):
+               linear_memory, adjust_lr, ns_steps):
     """From the linear read-out ``u`` to the parameter update and its lr (one param)."""
     if p.ndim < 2:
         return u, lr
     buf = state["momentum_buffer"]
     mlp_in, mlp_out = state["mlp_in"], state["mlp_out"]
     g_matrix = as_matrix(g).to(mlp_in.dtype)
-    keys = Fn.row_keys(g_matrix, key_norm=key_norm, eps=eps)
-    # the MLP works in units of the gradient's rms row norm s: targets G/s (and M/s), read-out s f(K)
+    # the MLP works in units of the gradient's rms row norm s: targets G/s (and M/s), read-out s f(K);
+    # eps is relative to s, so the rule is the same at every gradient scale
     scale = g_matrix.square().sum(-1).mean().sqrt()
-    unit = 1 / (scale + eps)
-    Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, buf.view(matrix_shape(buf)) * unit,
+    keys = Fn.row_keys(g_matrix, key_norm=key_norm, eps=eps * scale)
+    unit = 1 / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    linear = buf.view(matrix_shape(buf)) * unit if linear_memory else None
+    Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, linear,
                         objective=objective, memory_lr=memory_lr, memory_decay=memory_decay)
-    u = u.add(Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape), alpha=scale)
+    deep = Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape)
+    u = u.add(deep, alpha=scale) if linear_memory else deep.mul(scale).to(u.dtype)
     if output == "newton_schulz":
         u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
     return u, Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape)
@@ -163,13 +175,17 @@ class DeepMomentum(DeepOptimizer):
             ``M.lerp_(G, 1 - a)``; Nesterov needs ``dampening`` 0 or ``momentum``.
         hidden: MLP width ``h`` >= 1.
         memory_lr: inner rate ``eta_m`` >= 0 (0 freezes the MLP). The inner step is plain
-            gradient descent on a 2-layer MLP (in gradient units, so scale-free): a very large
-            rate can still oscillate; the default 0.01 was stable on every task we ran.
+            gradient descent on a 2-layer MLP (in gradient units, so scale-free). With the dot
+            objective, which is unbounded below, rates >= 0.3 with weak decay made the MLP grow
+            until the run diverged; the default 0.01 was stable on every task we ran.
         memory_decay: inner weight decay ``lambda_m`` >= 0 (``memory_lr * memory_decay <= 1``).
+        memory_init: std of ``A``'s entries, > 0, or ``None`` for ``1/sqrt(d)``.
+        linear_memory: ``True``: the update reads ``M + s f(K)``; ``False``: ``s f(K)`` alone
+            (DMGD; params with ndim < 2 keep the momentum read-out).
         objective: ``"dot"`` or ``"l2"`` inner objective.
         output: ``"identity"`` or ``"newton_schulz"`` (params with ndim >= 2).
         key_norm: ``"row"`` (each row of G over its norm) or ``"tensor"`` (over ``||G||_F``).
-        eps: key epsilon > 0.
+        eps: key epsilon > 0, relative to the gradient's rms row norm.
         adjust_lr: ``None``, ``"original"`` (``lr * sqrt(max(1, rows/cols))``) or
             ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(rows, cols))``), matrix params only.
         ns_steps: Newton-Schulz iterations, 1..99.
@@ -179,13 +195,14 @@ class DeepMomentum(DeepOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, hidden=16, memory_lr=0.01, memory_decay=0.1, objective="dot",
-                 output="identity", key_norm="row", eps=1e-8, decoupled_weight_decay=False,
+                 nesterov=False, *, hidden=16, memory_lr=0.01, memory_decay=0.1, memory_init=None,
+                 linear_memory=True, objective="dot", output="identity", key_norm="row", eps=1e-8,
+                 decoupled_weight_decay=False,
                  adjust_lr=None, ns_steps=5, seed=0, maximize=False, foreach=None, fused=None,
                  state_dtype=None, nonfinite="propagate"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, hidden=hidden, memory_lr=memory_lr, memory_decay=memory_decay,
-                        objective=objective, output=output, key_norm=key_norm, eps=eps,
+                        memory_init=memory_init, linear_memory=linear_memory, objective=objective, output=output, key_norm=key_norm, eps=eps,
                         decoupled_weight_decay=decoupled_weight_decay, adjust_lr=adjust_lr,
                         ns_steps=ns_steps, seed=seed, maximize=maximize, foreach=foreach, fused=fused,
                         state_dtype=state_dtype, nonfinite=nonfinite)
@@ -205,6 +222,9 @@ class DeepMomentum(DeepOptimizer):
         if group["memory_lr"] * group["memory_decay"] > 1:
             raise ValueError(f"invalid memory_lr * memory_decay = {group['memory_lr'] * group['memory_decay']}: "
                              "must be <= 1 (the MLP's decay factor 1 - memory_lr * memory_decay would flip sign)")
+        if group["memory_init"] is not None:
+            check_range("memory_init", group["memory_init"], 0.0, low_open=True)
+        check_choice("linear_memory", group["linear_memory"], (True, False))
         check_choice("objective", group["objective"], ("dot", "l2"))
         check_choice("output", group["output"], ("identity", "newton_schulz"))
         check_choice("key_norm", group["key_norm"], ("row", "tensor"))
@@ -240,11 +260,15 @@ class DeepMomentum(DeepOptimizer):
             # a fixed mix of (seed, param index): the same on every rank, Python and platform
             seed = (group["seed"] * 0x9E3779B97F4A7C15 + self._param_index(p)) % 2**63
             generator = torch.Generator().manual_seed(seed)
-            mlp_in = torch.randn(group["hidden"], cols, generator=generator, dtype=torch.float32) / cols ** 0.5
+            # entries ~ N(0, memory_init^2): pre-activations of unit-norm keys have std memory_init
+            # (None: 1/sqrt(cols), the first design, whose pre-activations sit in silu's linear range)
+            std = cols ** -0.5 if group["memory_init"] is None else group["memory_init"]
+            mlp_in = torch.randn(group["hidden"], cols, generator=generator, dtype=torch.float32) * std
             state["mlp_in"] = mlp_in.to(device=p.device, dtype=dtype)
             state["mlp_out"] = torch.zeros(cols, group["hidden"], device=p.device, dtype=dtype)
 
     def _rule(self, group):
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "decoupled_weight_decay",
-                "objective", "output", "key_norm", "eps", "memory_lr", "memory_decay", "adjust_lr", "ns_steps")
+                "objective", "output", "key_norm", "eps", "memory_lr", "memory_decay", "linear_memory", "adjust_lr",
+                "ns_steps")
         return DEEP_MOMENTUM, {k: group[k] for k in keys}

@@ -1,0 +1,126 @@
+"""How much of DeepMomentum's update its MLP memory carries, per design, on the benchmark MLP.
+
+For each design (a set of DeepMomentum options), train the MNIST-1D MLP (40-128-128-10, the
+benchmark task, seed 0, lr 0.1 unless the design says otherwise) and record, at chosen steps
+and for each weight matrix, the MLP's share ``||rho f(K)|| / ||M||`` (``M`` the linear memory
+after its write; with ``linear_memory=False`` the update is ``rho f(K)`` alone, and the share
+is measured against the ``M`` that momentum would have kept), the cosine of ``rho f(K)`` with
+the gradient, and the final validation loss. The designs and the chosen default are in
+README ("DeepMomentum: a memory that matters").
+
+    python -m benchmarks.deep_memory --out benchmarks/results/deep_memory.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import deepopt  # noqa: E402
+from deepopt import functional as Fn  # noqa: E402
+
+#: name -> DeepMomentum options (lr 0.1 and momentum 0.9 unless given)
+DESIGNS = {
+    "SGD-momentum (memory_lr 0)": dict(memory_lr=0.0),
+    "SGD-momentum (memory_lr 0), lr 0.3": dict(memory_lr=0.0, lr=0.3),
+    "memory_lr 0.01, decay 0.1 (default)": dict(memory_lr=0.01, memory_decay=0.1),
+    "memory_lr 0.1, decay 1": dict(memory_lr=0.1, memory_decay=1.0),
+    "memory_lr 0.1, decay 0.1, A ~ N(0, 0.09)": dict(memory_lr=0.1, memory_decay=0.1, memory_init=0.3),
+    "memory_lr 1, decay 0.1": dict(memory_lr=1.0, memory_decay=0.1),
+    "memory_lr 1, decay 0.1, hidden 64": dict(memory_lr=1.0, memory_decay=0.1, hidden=64),
+    "memory_lr 1, decay 0.1, A ~ N(0, 1)": dict(memory_lr=1.0, memory_decay=0.1, memory_init=1.0),
+    "memory_lr 1, decay 0.01": dict(memory_lr=1.0, memory_decay=0.01),
+    "l2, no linear memory, memory_lr 3, decay 0.0033": dict(memory_lr=3.0, memory_decay=0.01 / 3, objective="l2",
+                                                           linear_memory=False),
+    "l2, no linear memory, memory_lr 3, decay 0.0033, lr 1": dict(memory_lr=3.0, memory_decay=0.01 / 3,
+                                                                 objective="l2", linear_memory=False, lr=1.0),
+}
+RECORD_AT = (1, 10, 50, 100, 200, 400, 600)
+
+
+def memory_readings(opt, model) -> dict:
+    """Per weight matrix: ||rho f(K)|| / ||M|| and cos(rho f(K), G), from the state after a step."""
+    out = {}
+    group = opt.param_groups[0]
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or p.grad is None:
+            continue
+        state = opt.state[p]
+        g = Fn.as_matrix(p.grad.detach())
+        scale = g.square().sum(-1).mean().sqrt()
+        keys = Fn.row_keys(g, key_norm=group["key_norm"], eps=group["eps"] * scale)
+        deep = scale * Fn.mlp_memory(keys, state["mlp_in"], state["mlp_out"])
+        linear = Fn.as_matrix(state["momentum_buffer"])
+        cos = torch.nn.functional.cosine_similarity(deep.flatten(), g.flatten(), dim=0)
+        out[name] = dict(share=(deep.norm() / linear.norm().clamp_min(1e-30)).item(), cos_with_grad=cos.item())
+    return out
+
+
+def run(design: dict, steps: int | None = None, seed: int = 0) -> dict:
+    from benchmarks.tasks import TASKS
+    task = TASKS["mnist1d_mlp"](quick=False)
+    steps = steps or task.steps
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = task.build(seed)
+    options = dict(dict(lr=0.1, momentum=0.9), **design)
+    opt = deepopt.DeepMomentum(model.parameters(), seed=seed, **options)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    readings = {}
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        loss = task.loss(model, task.sample(step, gen))
+        loss.backward()
+        opt.step()
+        if step in RECORD_AT:
+            readings[step] = memory_readings(opt, model)
+    model.eval()
+    with torch.no_grad():
+        val = task.evaluate(model, "val")
+    return dict(options=options, val_loss=val["loss"], val_acc=val.get("acc"), readings=readings)
+
+
+def summary(record: dict) -> dict:
+    """Mean over the weight matrices of the share and the cosine, per recorded step."""
+    rows = {}
+    for step, per_param in record["readings"].items():
+        shares = [r["share"] for r in per_param.values()]
+        coss = [r["cos_with_grad"] for r in per_param.values()]
+        rows[int(step)] = dict(share=float(np.mean(shares)), cos_with_grad=float(np.mean(coss)))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deep_memory.json"))
+    ap.add_argument("--designs", nargs="*", help="names of DESIGNS to run (default: all)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the task's 600)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {}
+    for name, design in DESIGNS.items():
+        if args.designs and name not in args.designs:
+            continue
+        record = run(design, args.steps)
+        record["summary"] = summary(record)
+        results[name] = record
+        at100 = record["summary"].get(100, {})
+        print(f"{name:55s} val {record['val_loss']:.4f}  share@100 {at100.get('share', float('nan')):.3f}  "
+              f"cos@100 {at100.get('cos_with_grad', float('nan')):.3f}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Mutation testing: delete or neutralise each term of each update rule, in each implementation,
+and check that the fast test subset fails (the mutant is "killed").
+
+    python tests/mutants.py                 # all mutants, ~30 s each on 2 cores
+    python tests/mutants.py --list          # the mutants, numbered
+    python tests/mutants.py 3 7             # some of them
+
+Each mutant replaces one exact snippet of one file (the script checks that it occurs exactly
+once), runs ``pytest -x`` on the fast subset in a copy of the working tree, and restores nothing
+in place: the tree is never modified. The score and each survivor are printed; a survivor is a
+missing test, unless it is listed in EQUIVALENT with the reason it cannot change any result.
+The CUDA C++ kernels (csrc/) have no mutants here: their tests run only on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["tests/test_oracles.py", "tests/test_reductions.py", "tests/test_parity.py", "tests/test_fused.py",
+        "tests/test_contract.py", "tests/test_multi_frequency.py"]
+
+# (name, file, original snippet, replacement)
+MUTANTS = [
+    # DeepMomentum (Python: for-loop, foreach; the fused path calls the same _update_of)
+    ("deep: MLP read-out deleted", "deepopt/deep_momentum.py",
+     "u = u.add(deep, alpha=scale) if linear_memory else deep.mul(scale).to(u.dtype)",
+     "u = u if linear_memory else deep.mul(scale).to(u.dtype)"),
+    ("deep: MLP inner step deleted", "deepopt/deep_momentum.py",
+     "    Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, linear,",
+     "    (lambda *a, **k: None)(mlp_in, mlp_out, keys, g_matrix * unit, linear,"),
+    ("deep: inner decay deleted", "deepopt/functional.py",
+     "    shrink = 1 - memory_lr * memory_decay\n    mlp_in.sub_(",
+     "    shrink = 1\n    mlp_in.sub_("),
+    ("deep: Newton-Schulz output deleted", "deepopt/deep_momentum.py",
+     "        u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)\n    return u, Fn.adjust_lr",
+     "        u = u\n    return u, Fn.adjust_lr"),
+    ("deep: no-linear-memory read-out keeps M", "deepopt/deep_momentum.py",
+     "u = u.add(deep, alpha=scale) if linear_memory else deep.mul(scale).to(u.dtype)",
+     "u = u.add(deep, alpha=scale)"),
+    # DeltaMomentum
+    ("delta: matrix forget term deleted (Python)", "deepopt/functional.py",
+     "        return buf.mul_(momentum).sub_(retention, alpha=delta)",
+     "        return buf.mul_(momentum)"),
+    ("delta: elementwise forget term deleted (Python)", "deepopt/functional.py",
+     "    return buf.mul_(retention)\n",
+     "    return buf.mul_(momentum)\n"),
+    ("delta: spectral keys use the Frobenius norm", "deepopt/functional.py",
+     'scale = torch.linalg.matrix_norm(gh, keepdim=True) if keys == "matrix" else spectral_norm_estimate(gh)',
+     "scale = torch.linalg.matrix_norm(gh, keepdim=True)"),
+    ("delta: forget term deleted (Triton, elementwise keys)", "deepopt/_triton_kernels.py",
+     "    return tl.maximum(momentum - delta * (k * k), 0.0)",
+     "    return momentum + 0.0 * k"),
+    ("delta: forget term deleted (Triton, matrix keys)", "deepopt/_triton_kernels.py",
+     "nb = (b * momentum - delta * r) + write_rate * g",
+     "nb = (b * momentum - 0.0 * r) + write_rate * g"),
+    # M3
+    ("m3: slow memory deleted (Python)", "deepopt/m3.py",
+     '        u = u.add(state["slow_output"], alpha=slow_weight)',
+     "        u = u"),
+    ("m3: slow memory never written", "deepopt/m3.py",
+     '        slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)',
+     '        slow = state["slow_buffer"]'),
+    ("m3: slow memory deleted (fused)", "deepopt/m3.py",
+     '                    x = x.add(state["slow_output"], alpha=slow_weight)',
+     "                    x = x"),
+    ("m3: slow memory deleted (Triton apply kernel)", "deepopt/_triton_kernels.py",
+     "            u = u + slow_weight * o",
+     "            u = u + 0.0 * o"),
+    ("m3: preconditioner deleted", "deepopt/functional.py",
+     "    return v * (rms(u) / rms(v).clamp_min(tiny))",
+     "    return u.to(d.dtype)"),
+    ("m3: preconditioner keeps the 1/|g| scale", "deepopt/functional.py",
+     "    return v * (rms(u) / rms(v).clamp_min(tiny))",
+     "    return v"),
+    ("m3: second moment not written (Triton)", "deepopt/_triton_kernels.py",
+     "    return v * beta2 + one_minus_beta2 * (g * g)",
+     "    return v + 0.0 * g"),
+    # Adam value map: bias corrections
+    ("adam: bias correction 1 deleted (for-loop)", "deepopt/functional.py",
+     "    bias_correction1 = 1 - beta1 ** t\n",
+     "    bias_correction1 = 1\n"),
+    ("adam: bias correction 2 deleted (foreach)", "deepopt/functional.py",
+     "    bias_correction2 = [1 - beta2 ** s.item() for s in steps]",
+     "    bias_correction2 = [1 for s in steps]"),
+    ("adam: bias correction 1 deleted (Triton)", "deepopt/_triton_kernels.py",
+     "        bc1 = 1.0 - _pow(beta1, e)",
+     "        bc1 = 1.0 + 0.0 * _pow(beta1, e)"),
+    # Nesterov
+    ("nesterov deleted (for-loop)", "deepopt/functional.py",
+     "    if lerp:\n        return g.lerp(buf, momentum)\n    return g.add(buf, alpha=momentum)",
+     "    if lerp:\n        return g.lerp(buf, momentum)\n    return buf"),
+    ("nesterov deleted (foreach)", "deepopt/functional.py",
+     "    return torch._foreach_add(gs, bufs, alpha=momentum)",
+     "    return bufs"),
+    ("nesterov deleted (Triton)", "deepopt/_triton_kernels.py",
+     "        return g + momentum * b\n",
+     "        return b + 0.0 * g\n"),
+    # weight decay
+    ("coupled weight decay deleted (Python)", "deepopt/functional.py",
+     "        g = g.add(param, alpha=weight_decay)",
+     "        g = g"),
+    ("coupled weight decay deleted (foreach)", "deepopt/functional.py",
+     "            grads = torch._foreach_add(grads, params, alpha=weight_decay)",
+     "            grads = grads"),
+    ("decoupled weight decay deleted (for-loop)", "deepopt/functional.py",
+     "            param.mul_(1 - lr * weight_decay)",
+     "            pass"),
+    ("decoupled weight decay deleted (foreach)", "deepopt/functional.py",
+     "            torch._foreach_mul_(params, 1 - lr * weight_decay)",
+     "            pass"),
+    ("weight decay deleted (Triton)", "deepopt/_triton_kernels.py",
+     "        g = g + wd * p",
+     "        g = g + 0.0 * p"),
+    # maximize
+    ("maximize deleted (Python)", "deepopt/functional.py",
+     "    g = -grad if maximize else grad",
+     "    g = grad"),
+    ("maximize deleted (foreach)", "deepopt/functional.py",
+     "    if maximize:\n        grads = torch._foreach_neg(grads)",
+     "    if False:\n        grads = torch._foreach_neg(grads)"),
+    ("maximize deleted (Triton)", "deepopt/_triton_kernels.py",
+     "    if MAXIMIZE:\n        g = -g",
+     "    if MAXIMIZE:\n        g = g"),
+    # the momentum write itself
+    ("momentum write forgets the past (Triton)", "deepopt/_triton_kernels.py",
+     "        return b * momentum + write_rate * g",
+     "        return 0.0 * b + write_rate * g"),
+    # MultiFrequency
+    ("multifrequency: slow groups drop their accumulated gradients", "deepopt/multi_frequency.py",
+     "                        acc.add_(grad.to(acc.dtype))",
+     "                        pass"),
+    ("multifrequency: mean reduction deleted", "deepopt/multi_frequency.py",
+     "            total = torch.div(total, period)",
+     "            total = total"),
+]
+
+#: mutants that cannot change any result, with the reason (none so far)
+EQUIVALENT: dict[str, str] = {}
+
+
+def apply(tree: Path, mutant) -> None:
+    _, rel, original, replacement = mutant
+    path = tree / rel
+    text = path.read_text()
+    count = text.count(original)
+    if count != 1:
+        raise SystemExit(f"mutant {mutant[0]!r}: the snippet occurs {count} times in {rel} (expected once)")
+    path.write_text(text.replace(original, replacement))
+
+
+def run_mutant(mutant, timeout: int) -> tuple[bool, float, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__", ".ci-venv", "results",
+                                                                  ".hypothesis", "*.egg-info", "build"))
+        apply(tree, mutant)
+        env = {**os.environ, "PYTHONPATH": str(tree), "HYPOTHESIS_PROFILE": "ci"}
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *FAST],
+                              cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        killed = done.returncode != 0
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("FAILED")]
+        return killed, time.perf_counter() - t0, lines[0] if lines else done.stdout.strip().splitlines()[-1]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("which", nargs="*", type=int, help="mutant numbers (default: all)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=int, default=900)
+    args = ap.parse_args(argv)
+    chosen = [(i, m) for i, m in enumerate(MUTANTS, 1) if not args.which or i in args.which]
+    if args.list:
+        for i, m in chosen:
+            print(f"{i:3d}  {m[0]}  ({m[1]})")
+        return 0
+    for _, m in chosen:   # every snippet must be found before anything runs
+        apply_check = (ROOT / m[1]).read_text().count(m[2])
+        if apply_check != 1:
+            raise SystemExit(f"mutant {m[0]!r}: the snippet occurs {apply_check} times in {m[1]}")
+    survivors = []
+    for i, m in chosen:
+        killed, seconds, evidence = run_mutant(m, args.timeout)
+        status = "killed" if killed else ("equivalent" if m[0] in EQUIVALENT else "SURVIVED")
+        print(f"{i:3d} {status:10s} {seconds:5.0f}s  {m[0]}  <- {evidence}", flush=True)
+        if not killed and m[0] not in EQUIVALENT:
+            survivors.append(m[0])
+    killed_n = len(chosen) - len(survivors) - sum(1 for _, m in chosen if m[0] in EQUIVALENT)
+    print(f"\nscore: {killed_n}/{len(chosen)} killed"
+          + (f", {len(chosen) - killed_n - len(survivors)} equivalent" if EQUIVALENT else "")
+          + (f"; survivors: {survivors}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
