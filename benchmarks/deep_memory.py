@@ -57,7 +57,7 @@ def memory_readings(opt, model) -> dict:
         state = opt.state[p]
         g = Fn.as_matrix(p.grad.detach())
         scale = g.square().sum(-1).mean().sqrt()
-        keys = Fn.row_keys(g, key_norm=group["key_norm"], eps=group["eps"] * scale)
+        keys = Fn.row_keys(g, key_norm=group["key_norm"], eps=group["eps"] * scale + torch.finfo(g.dtype).tiny)
         deep = scale * Fn.mlp_memory(keys, state["mlp_in"], state["mlp_out"])
         linear = Fn.as_matrix(state["momentum_buffer"])
         cos = torch.nn.functional.cosine_similarity(deep.flatten(), g.flatten(), dim=0)
@@ -100,12 +100,31 @@ def summary(record: dict) -> dict:
     return rows
 
 
+def table(results: dict) -> str:
+    """README's ablation table from the JSON this script writes."""
+    lines = ["| design (lr 0.1 unless noted) | share at step 100 / 600 | cos(rho f, G) at 100 | val loss after 600 |",
+             "|---|---|---|---|"]
+    for name, record in results.items():
+        summ = {int(k): v for k, v in record["summary"].items()}
+        def cell(step, key):
+            value = summ.get(step, {}).get(key)
+            return "diverged" if value is None or value != value else f"{value:.3g}"
+        val = record["val_loss"]
+        lines.append(f"| {name} | {cell(100, 'share')} / {cell(600, 'share')} | {cell(100, 'cos_with_grad')} | "
+                     f"{'diverged' if val != val else f'{val:.4f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deep_memory.json"))
     ap.add_argument("--designs", nargs="*", help="names of DESIGNS to run (default: all)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the task's 600)")
+    ap.add_argument("--table", action="store_true", help="print README's table from --out and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(1)
     results = {}
     for name, design in DESIGNS.items():

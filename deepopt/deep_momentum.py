@@ -65,8 +65,9 @@ def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_l
     # the MLP works in units of the gradient's rms row norm s: targets G/s (and M/s), read-out s f(K);
     # eps is relative to s, so the rule is the same at every gradient scale
     scale = g_matrix.square().sum(-1).mean().sqrt()
-    keys = Fn.row_keys(g_matrix, key_norm=key_norm, eps=eps * scale)
-    unit = 1 / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    tiny = torch.finfo(scale.dtype).tiny   # (a zero gradient gives zero keys, not 0/0)
+    keys = Fn.row_keys(g_matrix, key_norm=key_norm, eps=eps * scale + tiny)
+    unit = 1 / scale.clamp_min(tiny)
     linear = buf.view(matrix_shape(buf)) * unit if linear_memory else None
     Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, linear,
                         objective=objective, memory_lr=memory_lr, memory_decay=memory_decay)
@@ -262,7 +263,7 @@ class DeepMomentum(DeepOptimizer):
             generator = torch.Generator().manual_seed(seed)
             # entries ~ N(0, memory_init^2): pre-activations of unit-norm keys have std memory_init
             # (None: 1/sqrt(cols), the first design, whose pre-activations sit in silu's linear range)
-            std = cols ** -0.5 if group["memory_init"] is None else group["memory_init"]
+            std = (cols ** -0.5 if cols else 1.0) if group["memory_init"] is None else group["memory_init"]
             mlp_in = torch.randn(group["hidden"], cols, generator=generator, dtype=torch.float32) * std
             state["mlp_in"] = mlp_in.to(device=p.device, dtype=dtype)
             state["mlp_out"] = torch.zeros(cols, group["hidden"], device=p.device, dtype=dtype)
