@@ -103,6 +103,20 @@ class DeepOptimizer(Optimizer):
         else:
             self._validate_group(group)
 
+    def _revalidate(self, group: dict[str, Any]) -> None:
+        """Validate a group again if a hyperparameter changed since its last check (a tuple
+        comparison per group and step; tensor values, such as a tensor lr, are not re-read)."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor) and not lr >= 0:   # schedulers change lr every step: check it alone
+            check_range("lr", lr, 0.0)
+        snapshot = tuple((k, v) for k, v in group.items()
+                         if k not in ("params", "param_names", "lr") and not k.startswith("mf_")
+                         and not isinstance(v, (Tensor, list, dict)))
+        checked = self.__dict__.setdefault("_checked_groups", {})
+        if checked.get(id(group)) != snapshot:
+            self._validate_hyperparameters({**self.defaults, **group})
+            checked[id(group)] = snapshot
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check a group's rule hyperparameters; raise ``ValueError`` naming the bad one."""
 
@@ -228,6 +242,8 @@ class DeepOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:   # hyperparameters edited in param_groups since the last check
+            self._revalidate(group)
         batches = [(group, self._collect(group)) for group in self.param_groups]
         action = self._nonfinite_action(batches)
         if action == "raise":

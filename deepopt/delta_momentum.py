@@ -57,6 +57,11 @@ def _multi_tensor_delta(params, grads, states, *, delta, keys, eps, **momentum_r
     _multi_tensor_momentum(params, grads, states, write_=write_, **momentum_rule)
 
 
+def _delta_of(group) -> float:
+    """``delta``, or its default ``min(0.5, momentum)`` (it must not exceed momentum)."""
+    return min(0.5, group["momentum"]) if group["delta"] is None else group["delta"]
+
+
 #: the fused path is the momentum kernel's delta modes (deepopt/associative_momentum.py)
 DELTA = Rule(_single_tensor_delta, _multi_tensor_delta, _fused_momentum)
 
@@ -73,7 +78,8 @@ class DeltaMomentum(DeepOptimizer):
         state_dtype, decoupled_weight_decay, nonfinite: as :class:`~deepopt.AssociativeMomentum`
             with ``preconditioner=None`` (``dampening=None`` means 0).
         delta: forgetting strength, ``0 <= delta <= momentum`` (keeps ``aI - delta Gh^T Gh`` a
-            contraction since ``||Gh||_2 <= 1``). ``0`` gives SGD-momentum exactly.
+            contraction since ``||Gh||_2 <= 1``). ``0`` gives SGD-momentum exactly. ``None``
+            (default): ``min(0.5, momentum)``.
         keys: ``"matrix"`` (the rule above; conv weights seen as ``(out, in*kh*kw)``, evaluated
             in the cheaper of ``(M Gh^T) Gh`` and ``M (Gh^T Gh)``); ``"spectral"``: the same with
             ``Gh = G / (sigma_1(G) + eps)`` from 3 power iterations, so the top direction decays by
@@ -87,7 +93,7 @@ class DeltaMomentum(DeepOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=None, weight_decay=0.0,
-                 nesterov=False, *, delta=0.5, keys="matrix", eps=1e-8, decoupled_weight_decay=False,
+                 nesterov=False, *, delta=None, keys="matrix", eps=1e-8, decoupled_weight_decay=False,
                  maximize=False, foreach=None, fused=None, state_dtype=None, nonfinite="propagate"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, delta=delta, keys=keys, eps=eps,
@@ -99,7 +105,9 @@ class DeltaMomentum(DeepOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         if group["dampening"] is not None:
             check_range("dampening", group["dampening"], 0.0, 1.0)
-        check_range("delta", group["delta"], 0.0, group["momentum"])
+        if group["delta"] is not None and not 0 <= group["delta"] <= group["momentum"]:
+            raise ValueError(f"Invalid delta value: {group['delta']} (delta must lie in [0.0, momentum="
+                             f"{group['momentum']}]: delta <= momentum keeps a I - delta Gh^T Gh a contraction)")
         check_choice("keys", group["keys"], ("matrix", "spectral", "elementwise"))
         check_range("eps", group["eps"], 0.0, low_open=True)
         if group["nesterov"] and (group["momentum"] <= 0 or (group["dampening"] or 0) != 0):
@@ -116,4 +124,4 @@ class DeltaMomentum(DeepOptimizer):
         return DELTA, dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"] or 0.0,
                            weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                           delta=group["delta"], keys=group["keys"], eps=group["eps"])
+                           delta=_delta_of(group), keys=group["keys"], eps=group["eps"])

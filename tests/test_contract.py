@@ -705,3 +705,31 @@ def test_hyperparameters_are_checked_before_params_in_torchs_words(cls, kwargs, 
         cls(None, **kwargs)
     with pytest.raises(error, match=message):
         cls([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+
+
+def test_delta_default_follows_momentum_and_the_error_says_why():
+    p = torch.zeros(3, 3, requires_grad=True)
+    opt = deepopt.DeltaMomentum([p], lr=0.1, momentum=0.3)   # delta=None: min(0.5, momentum) = 0.3
+    p.grad = torch.ones(3, 3)
+    opt.step()
+    with pytest.raises(ValueError, match=r"Invalid delta value: 0.5 \(delta must lie in \[0.0, momentum=0.3\]: "
+                                         r"delta <= momentum keeps"):
+        deepopt.DeltaMomentum([p], lr=0.1, momentum=0.3, delta=0.5)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_hyperparameters_edited_in_param_groups_are_checked_at_step_before_anything_changes(name):
+    params = clone_params(make_params(shapes_for(name)))
+    opt = CONFIGS[name](params)
+    run(opt, params, 2, torch.Generator().manual_seed(0))
+    before, state_before = [p.detach().clone() for p in params], snapshot(opt)
+    group = opt.param_groups[0]
+    good, group["momentum"] = group["momentum"], 1.5
+    set_grads(params, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="momentum"):
+        opt.step()
+    assert_equal_params(params, before)
+    assert states_equal(snapshot(opt), state_before)
+    group["momentum"] = good   # fixed: steps resume
+    opt.step()
+    assert not torch.equal(params[0], before[0])
