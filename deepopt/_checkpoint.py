@@ -28,6 +28,37 @@ def targets_of(opt, state_dict: dict[str, Any]) -> dict[Any, tuple[Tensor, dict[
     return targets
 
 
+#: group keys a checkpoint may carry beyond the optimizer's own options: torch's bookkeeping,
+#: torch SGD/Adam checkpoints (which load), schedulers, MultiFrequency and create_optimizer
+TOLERATED_GROUP_KEYS = {"params", "param_names", "initial_lr", "update_every", "mf_step", "lr_ratio",
+                        "differentiable", "capturable", "amsgrad", "betas", "decoupled_weight_decay",
+                        "foreach", "fused", "fused_backend"}
+#: what an algorithm="adamw" group carries whatever the rule (deepopt/_optimizer.py)
+ADAMW_GROUP_KEYS = {"algorithm", "beta2", "eps", "dampening"}
+
+
+def check_groups(opt, state_dict: dict[str, Any]) -> None:
+    """Each saved group must be a group of this optimizer's algorithm: no options that only another
+    optimizer takes, and the same values for the options that define the algorithm
+    (``opt._algorithm_options``). Plain hyperparameters (lr, momentum, ...) may differ: they are
+    restored, as torch does."""
+    name = f"deepopt.{type(opt).__name__}.load_state_dict"
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, state_dict["param_groups"])):
+        allowed = set(opt.defaults) | TOLERATED_GROUP_KEYS
+        if saved.get("algorithm") == "adamw":
+            allowed |= ADAMW_GROUP_KEYS
+        foreign = sorted(set(saved) - allowed)
+        if foreign:
+            raise ValueError(f"{name}: parameter group {gi} has options {foreign} that deepopt."
+                             f"{type(opt).__name__} does not take; is this another optimizer's checkpoint?")
+        for key in opt._algorithm_options + ("algorithm",):
+            if key in saved and key in group and saved[key] != group[key]:
+                raise ValueError(
+                    f"{name}: parameter group {gi} was saved with {key}={saved[key]!r} and this optimizer has "
+                    f"{key}={group[key]!r}; {key} defines the algorithm, so loading would change it. Build the "
+                    f"optimizer with {key}={saved[key]!r} to load this checkpoint")
+
+
 def check_state(opt, state_dict: dict[str, Any], targets) -> None:
     """Every saved param state has exactly the keys and shapes the optimizer expects."""
     name = f"deepopt.{type(opt).__name__}.load_state_dict"

@@ -57,6 +57,8 @@ class DeepOptimizer(Optimizer):
     _supports_complex = False
     #: the ``algorithm`` a group runs unless it says ``"adamw"`` (M3 names its own)
     _algorithm: str | None = None
+    #: options that define the algorithm: a checkpoint saved with other values does not load
+    _algorithm_options: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         self._validate_hyperparameters(defaults)   # before params are read, as torch
@@ -332,6 +334,7 @@ class DeepOptimizer(Optimizer):
         (fp32 state for bf16 params stays fp32; torch would cast it to the param dtype).
         """
         targets = _checkpoint.targets_of(self, state_dict)
+        _checkpoint.check_groups(self, state_dict)
         _checkpoint.check_state(self, state_dict, targets)
         super().load_state_dict(state_dict)
         _checkpoint.restore_state_dtypes(self, state_dict, targets)

@@ -275,6 +275,8 @@ class AssociativeMomentum(DeepOptimizer):
 
     _supports_complex = True
 
+    _algorithm_options = ("preconditioner",)
+
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=None, weight_decay=0.0,
                  nesterov=False, *, preconditioner=None, beta2=0.999, eps=1e-8,
                  decoupled_weight_decay=False, maximize=False, foreach=None, fused=None,

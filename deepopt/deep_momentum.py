@@ -195,6 +195,8 @@ class DeepMomentum(DeepOptimizer):
     State: ``step``, ``momentum_buffer`` and, for ndim >= 2, ``mlp_in`` (A) and ``mlp_out`` (B).
     """
 
+    _algorithm_options = ("objective", "output", "linear_memory", "key_norm")
+
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, hidden=16, memory_lr=0.01, memory_decay=0.1, memory_init=None,
                  linear_memory=True, objective="dot", output="identity", key_norm="row", eps=1e-8,

@@ -92,6 +92,8 @@ class DeltaMomentum(DeepOptimizer):
     State: ``momentum_buffer`` (as torch SGD).
     """
 
+    _algorithm_options = ("keys",)
+
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=None, weight_decay=0.0,
                  nesterov=False, *, delta=None, keys="matrix", eps=1e-8, decoupled_weight_decay=False,
                  maximize=False, foreach=None, fused=None, state_dtype=None, nonfinite="propagate"):

@@ -180,6 +180,8 @@ class M3(DeepOptimizer):
 
     _algorithm = "m3"
 
+    _algorithm_options = ("precondition",)
+
     def __init__(self, params, lr=0.01, momentum=0.95, dampening=None, weight_decay=0.0,
                  nesterov=False, *, slow_momentum=0.99, beta2=0.95, slow_weight=1.0, chunk=16, eps=0.01,
                  precondition=True, ns_steps=5, adjust_lr="original", maximize=False, foreach=None,

@@ -733,3 +733,44 @@ def test_hyperparameters_edited_in_param_groups_are_checked_at_step_before_anyth
     group["momentum"] = good   # fixed: steps resume
     opt.step()
     assert not torch.equal(params[0], before[0])
+
+
+@pytest.mark.parametrize("save_with, load_into, message", [
+    (lambda p: deepopt.AssociativeMomentum(p, lr=0.1, preconditioner="adam"),
+     lambda p: deepopt.AssociativeMomentum(p, lr=0.1), r"saved with preconditioner='adam'.*preconditioner=None"),
+    (lambda p: deepopt.DeltaMomentum(p, lr=0.1),
+     lambda p: deepopt.AssociativeMomentum(p, lr=0.1), r"options \['delta', 'keys'\].*another optimizer"),
+    (lambda p: deepopt.AssociativeMomentum(p, lr=0.1),
+     lambda p: deepopt.DeltaMomentum(p, lr=0.1), r"options \['beta2', 'preconditioner'\].*another optimizer"),
+    (lambda p: deepopt.DeltaMomentum(p, lr=0.1, keys="elementwise"),
+     lambda p: deepopt.DeltaMomentum(p, lr=0.1), r"saved with keys='elementwise'"),
+    (lambda p: deepopt.DeepMomentum(p, lr=0.1, objective="l2"),
+     lambda p: deepopt.DeepMomentum(p, lr=0.1), r"saved with objective='l2'"),
+    (lambda p: deepopt.M3(p, lr=0.1, precondition=False),
+     lambda p: deepopt.M3(p, lr=0.1), r"saved with precondition=False"),
+], ids=["adam-into-sgd", "delta-into-associative", "associative-into-delta", "keys", "objective", "precondition"])
+def test_a_checkpoint_of_another_algorithm_fails_clearly_and_changes_nothing(save_with, load_into, message):
+    p = torch.randn(4, 3, requires_grad=True)
+    saver = save_with([p])
+    p.grad = torch.randn(4, 3)
+    saver.step()
+    q = p.detach().clone().requires_grad_()
+    loader = load_into([q])
+    q.grad = torch.randn(4, 3)
+    loader.step()
+    before, groups_before = snapshot(loader), copy.deepcopy(loader.state_dict()["param_groups"])
+    with pytest.raises(ValueError, match=message):
+        loader.load_state_dict(saver.state_dict())
+    assert states_equal(snapshot(loader), before)
+    assert _param_groups_equal(loader.state_dict()["param_groups"], groups_before)
+
+
+def test_plain_hyperparameters_are_restored_from_a_checkpoint_as_torch_does():
+    p = torch.randn(4, 3, requires_grad=True)
+    saver = deepopt.DeltaMomentum([p], lr=0.05, momentum=0.8, delta=0.3)
+    p.grad = torch.randn(4, 3)
+    saver.step()
+    loader = deepopt.DeltaMomentum([p.detach().clone().requires_grad_()], lr=0.1)
+    loader.load_state_dict(saver.state_dict())
+    group = loader.param_groups[0]
+    assert (group["lr"], group["momentum"], group["delta"]) == (0.05, 0.8, 0.3)

@@ -141,6 +141,53 @@ def test_train_50_steps_lowers_loss_and_resumes(tmp_path, model):
     assert [r["step"] for r in h] == [25, 50, 60]
 
 
+def test_ctrl_c_saves_a_checkpoint_and_the_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C (SIGINT) stops at a step boundary, checkpoints and prints the --resume
+    command; resuming from it gives the uninterrupted run's numbers exactly."""
+    import os
+    import signal
+
+    from examples.hope import train
+    previous = signal.getsignal(signal.SIGINT)
+    path = _corpus(tmp_path)
+    base = ["--preset", "tiny", "--data", str(path), "--model", "hope", "--optimizer", "associative",
+            "--steps", "30", "--sample-chars", "0", "--quiet", "--device", "cpu"]
+    whole = train.main(base + ["--out", str(tmp_path / "whole")])["models"]["hope"]
+    calls = {"n": 0}
+    real_get_batch = train.get_batch
+
+    def interrupting_get_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 12:   # a Ctrl-C during step 12
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(*a, **k)
+
+    try:
+        monkeypatch.setattr(train, "get_batch", interrupting_get_batch)
+        with pytest.raises(SystemExit) as stopped:
+            train.main(base + ["--out", str(tmp_path / "cut")])
+        assert stopped.value.code == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    printed = capsys.readouterr().out
+    assert "interrupted after step 12" in printed and "--resume" in printed
+    assert torch.load(tmp_path / "cut" / "hope.pt", weights_only=False)["step"] == 12
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    try:
+        resumed = train.main(base + ["--out", str(tmp_path / "cut"), "--resume"])["models"]["hope"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+    assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in whole["history"]]
+
+
+def test_lr_zero_is_an_error_not_the_default(tmp_path, capsys):
+    from examples.hope import train
+    with pytest.raises(SystemExit):
+        train.parse_args(["--lr", "0"])
+    assert "--lr must be > 0" in capsys.readouterr().err
+
+
 def test_optimizers_wire_multifrequency():
     deepopt = pytest.importorskip("deepopt")
     if not hasattr(deepopt, "MultiFrequency"):

