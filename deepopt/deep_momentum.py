@@ -176,9 +176,10 @@ class DeepMomentum(DeepOptimizer):
             ``M.lerp_(G, 1 - a)``; Nesterov needs ``dampening`` 0 or ``momentum``.
         hidden: MLP width ``h`` >= 1.
         memory_lr: inner rate ``eta_m`` >= 0 (0 freezes the MLP). The inner step is plain
-            gradient descent on a 2-layer MLP (in gradient units, so scale-free). With the dot
-            objective, which is unbounded below, rates >= 0.3 with weak decay made the MLP grow
-            until the run diverged; the default 0.01 was stable on every task we ran.
+            gradient descent on a 2-layer MLP (in gradient units, so scale-free). The dot
+            objective is unbounded below: at rate 1 with decay 0.01 the MLP grew until the run
+            diverged (benchmarks/results/deep_memory.json); the default 0.01 was stable on every
+            task we ran.
         memory_decay: inner weight decay ``lambda_m`` >= 0 (``memory_lr * memory_decay <= 1``).
         memory_init: std of ``A``'s entries, > 0, or ``None`` for ``1/sqrt(d)``.
         linear_memory: ``True``: the update reads ``M + s f(K)``; ``False``: ``s f(K)`` alone
