@@ -6,27 +6,23 @@ and for each weight matrix, the MLP's share ``||rho f(K)|| / ||M||`` (``M`` the 
 after its write; with ``linear_memory=False`` the update is ``rho f(K)`` alone, and the share
 is measured against the ``M`` that momentum would have kept), the cosine of ``rho f(K)`` with
 the gradient, and the final validation loss. The designs and the chosen default are in
-README ("DeepMomentum: a memory that matters").
+docs/optimizers.md ("DeepMomentum: does the memory matter?").
 
     python -m benchmarks.deep_memory --out benchmarks/results/deep_memory.json
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import deepopt  # noqa: E402
-from deepopt import functional as Fn  # noqa: E402
+# numpy, torch and deepopt are imported inside the functions: --help answers before they load
+from examples import cli  # noqa: E402
 
 #: name -> DeepMomentum options (lr 0.1 and momentum 0.9 unless given)
 DESIGNS = {
@@ -49,6 +45,8 @@ RECORD_AT = (1, 10, 50, 100, 200, 400, 600)
 
 def memory_readings(opt, model) -> dict:
     """Per weight matrix: ||rho f(K)|| / ||M|| and cos(rho f(K), G), from the state after a step."""
+    import torch
+    from deepopt import functional as Fn
     out = {}
     group = opt.param_groups[0]
     for name, p in model.named_parameters():
@@ -66,6 +64,9 @@ def memory_readings(opt, model) -> dict:
 
 
 def run(design: dict, steps: int | None = None, seed: int = 0) -> dict:
+    import deepopt
+    import numpy as np
+    import torch
     from benchmarks.tasks import TASKS
     task = TASKS["mnist1d_mlp"](quick=False)
     steps = steps or task.steps
@@ -92,6 +93,7 @@ def run(design: dict, steps: int | None = None, seed: int = 0) -> dict:
 
 def summary(record: dict) -> dict:
     """Mean over the weight matrices of the share and the cosine, per recorded step."""
+    import numpy as np
     rows = {}
     for step, per_param in record["readings"].items():
         shares = [r["share"] for r in per_param.values()]
@@ -101,7 +103,7 @@ def summary(record: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    """README's ablation table from the JSON this script writes."""
+    """The ablation table of docs/optimizers.md from the JSON this script writes."""
     lines = ["| design (lr 0.1 unless noted) | share at step 100 / 600 | cos(rho f, G) at 100 | val loss after 600 |",
              "|---|---|---|---|"]
     for name, record in results.items():
@@ -116,15 +118,18 @@ def table(results: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deep_memory.json"))
-    ap.add_argument("--designs", nargs="*", help="names of DESIGNS to run (default: all)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the task's 600)")
-    ap.add_argument("--table", action="store_true", help="print README's table from --out and exit")
+    ap = cli.parser(__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deep_memory.json"),
+                    help="result file (JSON)")
+    ap.add_argument("--designs", nargs="+", choices=list(DESIGNS), metavar="DESIGN",
+                    help="names of DESIGNS to run, quoted (default: all)")
+    ap.add_argument("--steps", type=cli.positive_int, default=None, help="training steps (default: the task's 600)")
+    ap.add_argument("--table", action="store_true", help="print the docs/optimizers.md table from --out and exit")
     args = ap.parse_args(argv)
     if args.table:
         print(table(json.loads(Path(args.out).read_text())))
         return
+    import torch
     torch.set_num_threads(1)
     results = {}
     for name, design in DESIGNS.items():
@@ -142,4 +147,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,19 +14,22 @@ import os
 import sys
 import tempfile
 
-import torch
-import torch.multiprocessing as mp
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-import _dist_worker as W  # noqa: E402
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
+# torch and the workers are imported in main(): --help answers before they load
+from examples import cli  # noqa: E402
 
 
 def max_abs_diff(xs, ys):
     return max((x - y).abs().max().item() for x, y in zip(xs, ys))
 
 
-def main():
+def main(argv=None):
+    cli.parser(__doc__).parse_args(argv)   # no options: --help
+    import torch
+    import torch.multiprocessing as mp
+
+    import _dist_worker as W
     out = tempfile.mkdtemp()
     names = list(W.CONFIGS)
     for engine in ("ddp", "fsdp2", "dcp"):
@@ -56,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -24,6 +24,9 @@ Names:
     m3           deepopt.M3 (defaults) on M3.matrix_groups(model), AdamW (aux_lr) for the rest
     mf-adamw     deepopt.MultiFrequency(AdamW, reduce="mean") with the task's slow levels
     mf-deep      deepopt.MultiFrequency(DeepMomentum, reduce="mean") with the task's slow levels
+    adamw-level-lr  the control for mf-adamw: torch AdamW stepping every param every step, with
+                 each slow level's lr scaled by 1/C (C = that level's period): the same total lr
+                 per level as mf-adamw's one step every C, without the multi-frequency updates
 """
 from __future__ import annotations
 
@@ -108,18 +111,28 @@ def build_deep(model, lr, seed=0, **kw):
     return deepopt.DeepMomentum(model.parameters(), lr=lr, momentum=0.9, seed=seed)
 
 
+# Newton-Schulz in bf16 as torch Muon runs it, on CPU too (ns_dtype's CPU default is fp32): the
+# committed curves were made so, and the comparison with torch Muon keeps one precision.
 def build_deep_ns(model, lr, aux_lr, seed=0, **kw):
     # one optimizer: DeepMomentum on the hidden matrices, an AdamW group (torch AdamW's betas) for the rest
-    return deepopt.create_optimizer(model, "deep-ns", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, seed=seed)
+    return deepopt.create_optimizer(model, "deep-ns", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, seed=seed,
+                                    ns_dtype="bfloat16")
 
 
 def build_m3(model, lr, aux_lr, **kw):
-    return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999)
+    return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, ns_dtype="bfloat16")
 
 
 def build_mf_adamw(model, lr, mf_periods, **kw):
     groups = deepopt.MultiFrequency.groups_by_name(model, mf_periods)
     return deepopt.MultiFrequency(torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), reduce="mean")
+
+
+def build_adamw_level_lr(model, lr, mf_periods, **kw):
+    groups = deepopt.MultiFrequency.groups_by_name(model, mf_periods)
+    for g in groups:
+        g["lr"] = lr / g.pop("update_every")
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
 
 def build_mf_deep(model, lr, mf_periods, seed=0, **kw):
@@ -147,6 +160,7 @@ OPTIMIZERS = {
     "m3": dict(build=build_m3, grid=M3_GRID, aux=True, deepopt=True),
     "mf-adamw": dict(build=build_mf_adamw, grid=ADAM_GRID, mf=True, deepopt=True),
     "mf-deep": dict(build=build_mf_deep, grid=SGD_GRID, mf=True, deepopt=True),
+    "adamw-level-lr": dict(build=build_adamw_level_lr, grid=ADAM_GRID, mf=True, deepopt=False),
 }
 
 # Per-task grid overrides (the rest use the optimizer's grid): gradients on Rosenbrock are

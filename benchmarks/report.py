@@ -9,8 +9,8 @@ import math
 import sys
 from pathlib import Path
 
-PLOTS = ("loss_curves.png", "time_to_target.png", "forgetting.png", "lr_sweep.png")
-BASELINES = ("sgd", "adamw", "muon")
+PLOTS = ("loss_curves.png", "time_to_target.png", "forgetting.png", "lr_sweep.png", "forgetting_frontier.png")
+BASELINES = ("sgd", "adamw", "muon", "adamw-level-lr")
 
 
 
@@ -36,36 +36,55 @@ def _num(x, fmt="{:.3g}"):
     return "—" if x is None else fmt.format(x)
 
 
+def _interval(e, key):
+    """(low, high) of the 95% interval of ``key`` (``<key>_mean`` ± ``<key>_ci``), or None."""
+    m, ci = e.get(f"{key}_mean"), e.get(f"{key}_ci")
+    if m is None or ci is None or not math.isfinite(m):
+        return None
+    return m - ci, m + ci
+
+
+def below(e, ref, key) -> bool:
+    """``e``'s 95% interval of ``key`` lies wholly below ``ref``'s: the only "win" this report calls."""
+    a, b = _interval(e, key), _interval(ref, key)
+    return a is not None and b is not None and a[1] < b[0]
+
+
 def verdicts(results: dict) -> dict:
-    """Per task: which deepopt optimizers reach AdamW's final test loss in fewer steps, and the
-    continual forgetting change vs AdamW."""
+    """Per task: the deepopt optimizers whose per-seed steps to AdamW's final test loss lie wholly
+    below AdamW's (95% intervals separate), the same against torch Muon, and the continual
+    forgetting change vs AdamW (with whether the intervals separate)."""
     from benchmarks.optimizers import OPTIMIZERS
     out = {}
     for t, tr in results["tasks"].items():
         opts = tr["optimizers"]
-        ref = opts.get("adamw", {})
-        v = {"faster": [], "slower_or_never": []}
-        if tr["kind"] != "continual" and ref.get("steps_to_target") is not None:
+        ref, muon = opts.get("adamw", {}), opts.get("muon")
+        v = {"faster": [], "slower_or_never": [], "faster_than_muon": []}
+        if tr["kind"] != "continual":
             for o, e in opts.items():
                 if e.get("confirming_run") or not OPTIMIZERS[o]["deepopt"]:
                     continue
-                s = e.get("steps_to_target")
-                (v["faster"] if s is not None and s < ref["steps_to_target"] else v["slower_or_never"]).append(o)
+                (v["faster"] if below(e, ref, "steps_to_target") else v["slower_or_never"]).append(o)
+                if muon and below(e, muon, "steps_to_target"):
+                    v["faster_than_muon"].append(o)
         if tr["kind"] == "continual" and ref.get("forgetting_mean") is not None:
             f0 = ref["forgetting_mean"]
             v["forgetting_change_vs_adamw"] = {
                 o: (e["forgetting_mean"] - f0) / f0 if f0 and e.get("forgetting_mean") is not None
                 and math.isfinite(e["forgetting_mean"]) else None
                 for o, e in opts.items() if not e.get("confirming_run")}
+            v["forgets_less"] = [o for o, e in opts.items() if not e.get("confirming_run")
+                                 and OPTIMIZERS[o]["deepopt"] and below(e, ref, "forgetting")]
         out[t] = v
     return out
 
 
 def summary_table(results: dict) -> str:
-    """One row per task, one column per optimizer: final test loss mean ± std and, in brackets,
-    steps to AdamW's final test loss (— = never); continual: average final accuracy / forgetting.
-    Bold: a deepopt optimizer that reaches the target in fewer steps than AdamW (continual: with
-    >= 20% less forgetting than AdamW)."""
+    """One row per task, one column per optimizer: final test loss, mean ± 95% interval half-width
+    over the reported seeds and, in brackets, the per-seed steps to AdamW's final test loss (mean
+    ± half-width; — = a seed never reached it); continual: average final accuracy / forgetting
+    (mean ± half-width). Bold: a deepopt optimizer whose interval lies wholly below AdamW's
+    (steps; continual: forgetting)."""
     from benchmarks.optimizers import OPTIMIZERS
     names = [o for o in OPTIMIZERS if any(o in tr["optimizers"] and not tr["optimizers"][o].get("confirming_run")
                                           for tr in results["tasks"].values())]
@@ -73,20 +92,19 @@ def summary_table(results: dict) -> str:
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for t, tr in results["tasks"].items():
         row = [t]
-        ref = tr["optimizers"].get("adamw", {})
         for o in names:
             e = tr["optimizers"].get(o)
             if e is None:
                 row.append("n/a")
                 continue
             if tr["kind"] == "continual":
-                cell = (f"{_pm(e.get('avg_acc_mean'), None, '{:.3f}')} / "
-                        f"{_pm(e.get('forgetting_mean'), None, '{:.3f}')}")
-                ch = ver[t].get("forgetting_change_vs_adamw", {}).get(o)
-                win = OPTIMIZERS[o]["deepopt"] and ch is not None and ch <= -0.2
+                cell = (f"{_pm(e.get('avg_acc_mean'), e.get('avg_acc_ci'), '{:.3f}', '{:.3f}')} / "
+                        f"{_pm(e.get('forgetting_mean'), e.get('forgetting_ci'), '{:.3f}', '{:.3f}')}")
+                win = o in ver[t].get("forgets_less", [])
             else:
-                st = e.get("steps_to_target")
-                cell = f"{_pm(e.get('test_loss_mean'), e.get('test_loss_std'), '{:.3g}')} ({st if st is not None else '—'})"
+                st = e.get("steps_to_target_mean")
+                steps = _pm(st, e.get("steps_to_target_ci"), "{:.0f}", "{:.0f}") if st is not None else "—"
+                cell = f"{_pm(e.get('test_loss_mean'), e.get('test_loss_ci'), '{:.3g}')} ({steps})"
                 win = o in ver[t].get("faster", [])
             if e.get("diverged_seeds"):
                 cell += f" [{e['diverged_seeds']} div.]"
@@ -105,17 +123,20 @@ def markdown(results: dict) -> str:
                  "the missing runs): " + "; ".join(
                      f"{h['date']}: {h['wall_s'] / 60:.1f} min, {h['runs_trained']} runs trained"
                      for h in m["invocations"]) + ".")] if m.get("invocations") else []),
-             "", "Seeds: " + ", ".join(map(str, m["seeds"])) + ". Numbers are on the test split at the LR "
-             "selected on the validation split; mean ± std over seeds. *Target* = AdamW's mean final test "
-             "loss; steps/time to target read the seed-mean test-loss curve (evaluated every `eval_every` "
-             "steps); time = training time only (no evaluation). *Val target*: the same with AdamW's final "
-             "validation loss on the validation curves. Step times are medians on a shared "
-             "2-core machine running two benchmarks at once: compare them loosely.", ""]
+             "", f"LRs selected on seed {m.get('select_seed', 0)} (validation split); reported seeds: "
+             + ", ".join(map(str, m["seeds"])) + " (test split), mean ± the half-width of the 95% "
+             "t-interval over them (with 3 seeds: 2.48 standard deviations). *Target* = AdamW's seed-mean final "
+             "test loss on the curves; *steps to target* are counted per seed on the test curve (evaluated "
+             "every `eval_every` steps), and a difference counts only where the two 95% intervals do not "
+             "overlap. Time = training time only (no evaluation), on the seed-mean curve. *Val target*: the "
+             "same with AdamW's final validation loss on the seed-mean validation curves. Step times are "
+             "medians on a shared 2-core machine running two benchmarks at once: compare them loosely.", ""]
     ver = verdicts(results)
-    lines += ["### All tasks", "", "Final test loss mean ± std (steps to AdamW's final test loss; — = not "
-              "reached); continual task: average final accuracy / forgetting. **Bold**: a deepopt optimizer "
-              "that reaches the target in fewer steps than AdamW (continual: >= 20% less forgetting than AdamW). "
-              "Per-task details below.", "", summary_table(results)]
+    lines += ["### All tasks", "", "Final test loss mean ± 95% half-width (per-seed steps to AdamW's final "
+              "test loss, mean ± 95% half-width; — = a seed never reached it); continual task: average final "
+              "accuracy / forgetting, mean ± 95% half-width. **Bold**: a deepopt optimizer whose interval lies "
+              "wholly below AdamW's (steps; continual: forgetting). Per-task details below.", "",
+              summary_table(results)]
     for t, tr in results["tasks"].items():
         opts = tr["optimizers"]
         lines += [f"### {t}", "", f"{tr['description']}. Budget: {tr['steps']} steps (all optimizers); "
@@ -123,13 +144,13 @@ def markdown(results: dict) -> str:
                   + (f" Target test loss: {tr['target_test_loss']:.4g}." if tr.get("target_test_loss") else ""), ""]
         cont = tr["kind"] == "continual"
         acc = tr["kind"] != "loss"
-        head = ["optimizer", "best lr", "test loss"]
+        head = ["optimizer", "best lr", "test loss (95%)"]
         if acc:
             head.append("test acc")
         if cont:
             head += ["avg final acc", "forgetting", "forgetting vs AdamW"]
         else:
-            head += ["steps to target", "time to target (s)", "steps to val target"]
+            head += ["steps to target, per seed", "mean (95%)", "time to target (s)", "steps to val target"]
         head += ["step (ms)", "vs AdamW"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         ref = opts.get("adamw", {})
@@ -138,32 +159,37 @@ def markdown(results: dict) -> str:
             if e.get("confirming_run"):
                 continue
             name = f"**{o}**" if OPTIMIZERS[o]["deepopt"] else o
-            row = [name, _num(e["best_lr"]), _pm(e.get("test_loss_mean"), e.get("test_loss_std"))]
+            row = [name, _num(e["best_lr"]), _pm(e.get("test_loss_mean"), e.get("test_loss_ci"))]
             if acc:
                 row.append(_pm(e.get("test_acc_mean"), e.get("test_acc_std"), "{:.3f}", "{:.3f}"))
             if cont:
-                row += [_pm(e.get("avg_acc_mean"), e.get("avg_acc_std"), "{:.3f}", "{:.3f}"),
-                        _pm(e.get("forgetting_mean"), e.get("forgetting_std"), "{:.3f}", "{:.3f}"),
+                row += [_pm(e.get("avg_acc_mean"), e.get("avg_acc_ci"), "{:.3f}", "{:.3f}"),
+                        _pm(e.get("forgetting_mean"), e.get("forgetting_ci"), "{:.3f}", "{:.3f}"),
                         "—" if o == "adamw" or fchange.get(o) is None else f"{100 * fchange[o]:+.0f}%"]
                 verdict = "ref" if o == "adamw" else (
-                    "less forgetting" if (fchange.get(o) or 0) < 0 else "more forgetting")
+                    "less forgetting (intervals separate)" if below(e, ref, "forgetting") else
+                    "more forgetting (intervals separate)" if below(ref, e, "forgetting") else
+                    "forgetting within AdamW's interval")
                 if o != "adamw" and e.get("avg_acc_mean") is not None and ref.get("avg_acc_mean") is not None:
                     verdict += ", higher acc" if e["avg_acc_mean"] > ref["avg_acc_mean"] else ", lower acc"
             else:
-                s, rs = e.get("steps_to_target"), ref.get("steps_to_target")
+                per_seed = e.get("steps_to_target_per_seed") or []
                 sv = e.get("steps_to_val_target")
-                row += [_num(s, "{}") if s is not None else "not reached", _num(e.get("time_to_target_s"), "{:.2f}"),
+                row += [" / ".join("—" if x is None else str(x) for x in per_seed) or "—",
+                        _pm(e.get("steps_to_target_mean"), e.get("steps_to_target_ci"), "{:.0f}", "{:.0f}")
+                        if e.get("steps_to_target_mean") is not None else "not reached by every seed",
+                        _num(e.get("time_to_target_s"), "{:.2f}"),
                         _num(sv, "{}") if sv is not None else "not reached"]
                 if o == "adamw":
                     verdict = "ref"
-                elif s is None:
-                    verdict = "loses (never reaches target)"
-                elif rs is not None and s < rs:
-                    verdict = f"**wins** ({s} vs {rs} steps)"
-                elif rs is not None and s == rs:
-                    verdict = "ties"
+                elif below(e, ref, "steps_to_target"):
+                    verdict = "**faster** (intervals separate)"
+                elif below(ref, e, "steps_to_target"):
+                    verdict = "slower (intervals separate)"
+                elif e.get("steps_to_target_mean") is None:
+                    verdict = "a seed never reaches the target"
                 else:
-                    verdict = f"loses ({s} vs {rs} steps)"
+                    verdict = "tie (intervals overlap)"
             if e.get("diverged_seeds"):
                 verdict += f"; {e['diverged_seeds']} seed(s) diverged"
             row += [_num(e.get("step_time_ms"), "{:.2f}"), verdict]
@@ -183,20 +209,54 @@ def markdown(results: dict) -> str:
                              f" — {'identical curves' if e['identical_to_twin'] else 'max |diff| %s' % _num(e['max_abs_diff'])}.")
         sr = opts.get("delta", {}).get("grad_stable_rank")
         if sr:
-            lines.append(f"- DeltaMomentum diagnostic: gradient stable rank ||G||_F²/s₁² at init: "
+            lines.append("- DeltaMomentum diagnostic: gradient stable rank ||G||_F²/s₁² at init: "
                          + ", ".join(f"{k} {v:.1f}" for k, v in sr.items())
                          + " (Frobenius keys decay the top direction by delta/stable rank only).")
         lines.append("")
+    lines += frontier_section(results)
     lines += ["### Summary", ""]
     for t, v in ver.items():
         if "forgetting_change_vs_adamw" in v:
             ch = v["forgetting_change_vs_adamw"]
             lines.append(f"- {t}: forgetting vs AdamW: " + ", ".join(
-                f"{o} {100 * c:+.0f}%" for o, c in ch.items() if c is not None and o != "adamw"))
+                f"{o} {100 * c:+.0f}%" for o, c in ch.items() if c is not None and o != "adamw")
+                + "; intervals wholly below AdamW's: " + (", ".join(v["forgets_less"]) or "none"))
         else:
-            lines.append(f"- {t}: deepopt optimizers faster than AdamW to its final test loss: "
-                         + (", ".join(v["faster"]) or "none"))
+            lines.append(f"- {t}: deepopt optimizers faster than AdamW to its final test loss (95% intervals "
+                         "separate): " + (", ".join(v["faster"]) or "none")
+                         + "; faster than torch Muon: " + (", ".join(v["faster_than_muon"]) or "none"))
     return "\n".join(lines) + "\n"
+
+
+def dominated_by(point: dict, others: list[dict]) -> list[dict]:
+    """The points of ``others`` with at least ``point``'s accuracy and at most its forgetting
+    (seed means): ``point`` lies on or inside their frontier."""
+    return [o for o in others if o["avg_acc_mean"] is not None and point["avg_acc_mean"] is not None
+            and o["avg_acc_mean"] >= point["avg_acc_mean"] and o["forgetting_mean"] <= point["forgetting_mean"]]
+
+
+def frontier_section(results: dict) -> list[str]:
+    """The accuracy-forgetting points of every swept LR (test split, reported seeds) and, for each
+    MultiFrequency point, the baseline points that dominate it."""
+    lines = []
+    for t, tr in results["tasks"].items():
+        fr = {o: e["frontier"] for o, e in tr["optimizers"].items() if e.get("frontier")}
+        if not fr:
+            continue
+        lines += [f"### {t}: the accuracy-forgetting frontier", "",
+                  "Every swept LR on the reported seeds (test split; mean ± 95% half-width). A MultiFrequency "
+                  "point is a win only if no AdamW or control point has at least its accuracy and at most its "
+                  "forgetting.", "", "| optimizer | lr | avg final acc | forgetting | dominated by |", "|---|---|---|---|---|"]
+        baseline = [dict(p, optimizer=o) for o, pts in fr.items() if o in ("adamw", "adamw-level-lr") for p in pts]
+        for o, pts in fr.items():
+            for p in pts:
+                dom = dominated_by(p, baseline) if o not in ("adamw", "adamw-level-lr") else []
+                lines.append(f"| {o} | {p['lr']:.3g} | {_pm(p['avg_acc_mean'], p['avg_acc_ci'], '{:.3f}', '{:.3f}')} | "
+                             f"{_pm(p['forgetting_mean'], p['forgetting_ci'], '{:.3f}', '{:.3f}')} | "
+                             + (", ".join(f"{d['optimizer']} {d['lr']:.3g}" for d in dom) or
+                                ("—" if o in ("adamw", "adamw-level-lr") else "none: beyond the frontier")) + " |")
+        lines.append("")
+    return lines
 
 
 def _colors(names):
@@ -323,6 +383,28 @@ def make_plots(results: dict, out: Path):
         ax.set_ylabel("val avg final acc" if tr["kind"] == "continual" else "final val loss")
         ax.grid(alpha=0.3)
     _save_grid(plt, fig, axes, n, out / "lr_sweep.png")
+
+    # 5. accuracy-forgetting frontier: every swept LR, mean and 95% interval over the reported seeds
+    fr = [(t, o, e["frontier"]) for t, tr in tasks.items() for o, e in tr["optimizers"].items() if e.get("frontier")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for t, o, pts in fr:
+        pts = [p for p in pts if p["avg_acc_mean"] is not None and p["avg_acc_ci"] is not None]
+        x = [p["forgetting_mean"] for p in pts]
+        y = [p["avg_acc_mean"] for p in pts]
+        ax.errorbar(x, y, xerr=[p["forgetting_ci"] for p in pts], yerr=[p["avg_acc_ci"] for p in pts],
+                    fmt="o" + ls[o], color=col[o], label=o, ms=4, lw=1, capsize=2)
+        for p in pts:
+            ax.annotate(f"{p['lr']:.3g}", (p["forgetting_mean"], p["avg_acc_mean"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3), color=col[o])
+    ax.set_xlabel("forgetting (test; lower is better)")
+    ax.set_ylabel("average final accuracy (test)")
+    ax.set_title("continual task: every swept lr (label), mean ± 95% over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    if fr:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "forgetting_frontier.png", dpi=110)
+    plt.close(fig)
 
 
 def write_report(results: dict, out: Path, plots: bool = True):

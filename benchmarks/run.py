@@ -2,25 +2,28 @@
 
     python -m benchmarks.run                                  # full suite -> benchmarks/results/
     python -m benchmarks.run --quick --out /tmp/bench         # smoke run (<= 3 min)
-    python -m benchmarks.run --tasks mnist1d_mlp,rosenbrock --optimizers adamw,deep --seeds 3
+    python -m benchmarks.run --tasks mnist1d_mlp rosenbrock --optimizers adamw deep --seed 0 1 2
 
 Protocol:
-1. Per task and optimizer, an LR sweep on seed 0 (>= 5 values on a half-decade log grid,
-   extended past an edge, up to twice, when the best LR sits on it), selected on the final
-   *validation* metric (loss; average final accuracy for the continual task). AdamW and SGD
-   are swept first: Muon, M3 and deep-ns use AdamW's best LR for their non-matrix params.
-2. The best LR runs on seeds 0..N-1 (seed 0 is the sweep run itself: every run records both
-   the validation and the test curves; selection reads only validation). Reported numbers are
-   on the *test* split.
-3. AssociativeMomentum is not swept: one confirming run per task at SGD's / AdamW's best LR,
+1. Per task and optimizer, an LR sweep on the selection seed (``--select-seed``, 10; never a
+   reported seed) over >= 5 values on a half-decade log grid, extended past an edge, up to
+   twice, when the best LR sits on it, selected on the final *validation* metric (loss; average
+   final accuracy for the continual task). AdamW and SGD are swept first: Muon, M3 and deep-ns
+   use AdamW's best LR for their non-matrix params.
+2. The best LR runs on the reported seeds (``--seed``, 0 1 2). Reported numbers are on the
+   *test* split: mean and 95% t-interval over those seeds; steps to the target are counted per
+   seed. Shakespeare's final test loss is on the whole held-out play.
+3. The forgetting frontier (``FRONTIER``): on the continual task, AdamW, its 1/C-lr control,
+   MultiFrequency(AdamW) and torch Muon run every swept LR on the reported seeds, so that a
+   MultiFrequency point can be compared with AdamW's whole accuracy-forgetting curve.
+4. AssociativeMomentum is not swept: one confirming run per task at SGD's / AdamW's best LR,
    checked against the torch twin's run (bit-identical curves expected).
-4. Equal step budgets per task (``tasks.CONFIG``); every run is cached as JSON under
+5. Equal step budgets per task (``tasks.CONFIG``); every run is cached as JSON under
    ``<out>/runs/<task>/<optimizer>/``: a crashed or interrupted suite continues where it stopped.
-5. Two runs at a time (``--jobs 2``), each with ``torch.set_num_threads(1)``.
+6. Two runs at a time (``--jobs 2``), each with ``torch.set_num_threads(1)``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -32,14 +35,25 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# numpy, torch and the tasks are imported inside the functions: --help answers before they load
+from examples import cli  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MAX_EXTENSIONS = 2      # grid extensions per side
+# the names of tasks.TASKS and optimizers.OPTIMIZERS, spelled out so that --help needs neither
+# (tests/test_cli.py checks that they agree)
+TASK_NAMES = ["mnist1d_mlp", "mnist1d_cnn", "shakespeare_char", "rosenbrock", "noisy_quadratic",
+              "continual_pmnist1d"]
+OPTIMIZER_NAMES = ["sgd", "adamw", "muon", "assoc-sgd", "assoc-adamw", "delta", "delta-spectral", "deep",
+                   "deep-ns", "m3", "mf-adamw", "mf-deep", "adamw-level-lr"]
+#: task -> optimizers that run every swept LR on the reported seeds (the accuracy-forgetting frontier)
+FRONTIER = {"continual_pmnist1d": ["adamw", "adamw-level-lr", "mf-adamw", "muon"]}
+#: two-sided 95% Student-t quantiles by degrees of freedom (n seeds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # --------------------------------------------------------------------------- one run
@@ -76,6 +90,7 @@ def cached(out: Path, job: dict) -> dict | None:
 
 def run_job(job: dict) -> dict:
     """Train one (task, optimizer, lr, seed) and cache the record (atomic write)."""
+    import numpy as np
     import torch
     torch.set_num_threads(1)
     from benchmarks import optimizers as O
@@ -172,8 +187,8 @@ def best_lr(recs: list[dict]) -> float:
     return min(recs, key=lambda r: (final_value(r, "val"), r["lr"]))["lr"]
 
 
-def sweep(pairs, out, n_jobs, quick, aux, log):
-    """LR sweeps (seed 0) with edge extension over (task, optimizer) ``pairs``;
+def sweep(pairs, out, n_jobs, quick, aux, log, seed):
+    """LR sweeps on ``seed`` with edge extension over (task, optimizer) ``pairs``;
     returns {(task, opt): {lr: record}}."""
     from benchmarks import optimizers as O
     grids = {(t, o): O.grid_for(t, o, quick) for t, o in pairs}
@@ -184,7 +199,7 @@ def sweep(pairs, out, n_jobs, quick, aux, log):
         for (t, o), g in grids.items():
             for lr in g:
                 if lr not in results[(t, o)]:
-                    jobs.append(dict(task=t, optimizer=o, lr=lr, seed=0, aux_lr=aux.get(t) if
+                    jobs.append(dict(task=t, optimizer=o, lr=lr, seed=seed, aux_lr=aux.get(t) if
                                      O.OPTIMIZERS[o].get("aux") else None))
         if not jobs:
             return results
@@ -206,6 +221,7 @@ def sweep(pairs, out, n_jobs, quick, aux, log):
 
 # --------------------------------------------------------------------------- aggregation
 def _mean_std(xs):
+    import numpy as np
     xs = np.asarray(xs, dtype=float)
     if len(xs) == 0:
         return None, None
@@ -214,8 +230,25 @@ def _mean_std(xs):
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
+def ci95(xs) -> float | None:
+    """Half-width of the 95% t-interval of the mean of ``xs`` (None: fewer than 2 or not finite)."""
+    m, sd = _mean_std(xs)
+    if sd is None or len(xs) < 2 or not math.isfinite(m):
+        return None
+    return T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
+
+
+def final_test_loss(rec: dict) -> float:
+    """The reported final test loss of a run: on the whole test split where the task scores so
+    (Shakespeare's held-out play), else the curve's last point; +inf if diverged."""
+    if rec.get("diverged") or rec.get("curve") is None:
+        return math.inf
+    return rec.get("final_test_loss_whole", rec["curve"]["test_loss"][-1])
+
+
 def _stack(recs, key):
     """(steps, array seeds x evals) of a curve key; diverged runs padded with +inf."""
+    import numpy as np
     curves = [r["curve"] for r in recs if r.get("curve")]
     if not curves:
         return [], np.zeros((0, 0))
@@ -233,11 +266,13 @@ def _stack(recs, key):
 
 def aggregate(task, opt, sweep_recs, seed_recs) -> dict:
     """One (task, optimizer) entry of results.json."""
+    import numpy as np
     with np.errstate(invalid="ignore"):
         return _aggregate(task, opt, sweep_recs, seed_recs)
 
 
 def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
+    import numpy as np
     steps, loss = _stack(seed_recs, "test_loss")
     _, vloss = _stack(seed_recs, "val_loss")
     _, times = _stack(seed_recs, "time")
@@ -247,7 +282,8 @@ def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
         "seeds": [r["seed"] for r in seed_recs],
         "diverged_seeds": int(sum(bool(r.get("diverged")) for r in seed_recs)),
         "errors": sorted({r["error"] for r in seed_recs if r.get("error")}),
-        "final_test_loss": [float(loss[i, -1]) for i in range(len(seed_recs))] if loss.size else [],
+        "final_test_loss": [float(final_test_loss(r)) for r in seed_recs] if loss.size else [],
+        "final_test_loss_curve_subset": [float(loss[i, -1]) for i in range(len(seed_recs))] if loss.size else [],
         "step_time_ms": float(np.median([r["step_time"] for r in seed_recs if r.get("step_time")]) * 1e3)
         if any(r.get("step_time") for r in seed_recs) else None,
         "wall_s": float(sum(r["wall"] for r in seed_recs)),
@@ -259,6 +295,8 @@ def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
                   "time_mean": np.mean(np.where(np.isfinite(times), times, np.nan), 0).tolist() if times.size else []},
     }
     entry["test_loss_mean"], entry["test_loss_std"] = _mean_std(entry["final_test_loss"])
+    entry["test_loss_ci"] = ci95(entry["final_test_loss"])
+    entry["test_curves"] = loss.tolist() if loss.size else []   # per seed: steps to target, per seed
     if task.kind != "loss":
         acc = [r["curve"]["test_acc"][-1] if r.get("curve") and not r.get("diverged") else float("nan")
                for r in seed_recs]
@@ -271,19 +309,23 @@ def _aggregate(task, opt, sweep_recs, seed_recs) -> dict:
         entry["forgetting"] = [c["forgetting"] for c in ok]
         entry["avg_acc_mean"], entry["avg_acc_std"] = _mean_std(entry["avg_acc"])
         entry["forgetting_mean"], entry["forgetting_std"] = _mean_std(entry["forgetting"])
+        entry["avg_acc_ci"], entry["forgetting_ci"] = ci95(entry["avg_acc"]), ci95(entry["forgetting"])
         ms = [r["acc_matrix"]["test"] for r in seed_recs if r.get("acc_matrix") and
               len(r["acc_matrix"]["test"]) == task.n_tasks]
         entry["acc_matrix_mean"] = np.mean(ms, 0).tolist() if ms else None
-    if "grad_stable_rank" in sweep_recs.get(entry["best_lr"], {}):
-        entry["grad_stable_rank"] = sweep_recs[entry["best_lr"]]["grad_stable_rank"]
+    for r in (sweep_recs.get(entry["best_lr"], {}), *seed_recs):   # (recorded by seed 0's run)
+        if "grad_stable_rank" in r:
+            entry["grad_stable_rank"] = r["grad_stable_rank"]
+            break
     return entry
 
 
 def add_targets(task_res: dict):
-    """Target = AdamW's mean final test loss; steps/time to reach it on the seed-mean curve."""
-    if "adamw" not in task_res or task_res["adamw"].get("test_loss_mean") is None:
+    """Target = AdamW's seed-mean final test loss on the curves; steps to reach it per seed
+    (mean and 95% interval when every seed reaches it), and steps/time on the seed-mean curve."""
+    if "adamw" not in task_res or not task_res["adamw"].get("final_test_loss_curve_subset"):
         return None
-    target = task_res["adamw"]["test_loss_mean"]
+    target, _ = _mean_std(task_res["adamw"]["final_test_loss_curve_subset"])
     if not math.isfinite(target):
         return None
     vc = task_res["adamw"]["curve"].get("val_loss_mean") or [math.inf]
@@ -292,6 +334,14 @@ def add_targets(task_res: dict):
         c = e["curve"]
         hit = [i for i, v in enumerate(c["test_loss_mean"]) if v <= target]
         e["steps_to_target"] = c["step"][hit[0]] if hit else None
+        per_seed = []
+        for curve in e.get("test_curves", []):
+            first = [i for i, v in enumerate(curve) if v <= target]
+            per_seed.append(c["step"][first[0]] if first else None)
+        e["steps_to_target_per_seed"] = per_seed
+        reached = [s for s in per_seed if s is not None]
+        e["steps_to_target_mean"] = sum(reached) / len(reached) if per_seed and len(reached) == len(per_seed) else None
+        e["steps_to_target_ci"] = ci95(reached) if e["steps_to_target_mean"] is not None else None
         e["time_to_target_s"] = c["time_mean"][hit[0]] if hit and c["time_mean"] else None
         # the same on the validation split (AdamW's seed-mean final validation loss)
         vhit = [i for i, v in enumerate(c.get("val_loss_mean", [])) if v <= vtarget]
@@ -300,39 +350,43 @@ def add_targets(task_res: dict):
     return target
 
 
+def frontier_points(task, sweep_recs, recs_by_lr) -> list[dict]:
+    """Per swept LR: test average final accuracy and forgetting over the reported seeds (mean, 95%
+    interval), and the validation metric the selection saw."""
+    points = []
+    for lr in sorted(recs_by_lr):
+        ok = [r["continual"]["test"] for r in recs_by_lr[lr] if r.get("continual") and not r.get("diverged")]
+        acc, forg = [c["avg_acc"] for c in ok], [c["forgetting"] for c in ok]
+        points.append(dict(lr=lr, seeds=len(ok), avg_acc_mean=_mean_std(acc)[0], avg_acc_ci=ci95(acc),
+                           forgetting_mean=_mean_std(forg)[0], forgetting_ci=ci95(forg),
+                           select_val=final_value(sweep_recs[lr], "val")))
+    return points
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    from benchmarks.optimizers import OPTIMIZERS
-    from benchmarks.tasks import TASKS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help=f"comma list of {', '.join(OPTIMIZERS)} (adamw is always added: it sets the target)")
-    p.add_argument("--seeds", default=None, help="number of seeds (3; 2 with --quick) or a comma list")
+    p = cli.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=TASK_NAMES, metavar="TASK",
+                   help=f"any of {', '.join(TASK_NAMES)} (default: all)")
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZER_NAMES, default=OPTIMIZER_NAMES, metavar="OPT",
+                   help=f"any of {', '.join(OPTIMIZER_NAMES)} (default: all; adamw is always added: it sets "
+                   "the target)")
+    p.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=None,
+                   help="the reported seeds, run at the best LRs (default: 0 1 2; 0 1 with --quick)")
+    p.add_argument("--select-seed", type=cli.nonnegative_int, default=10,
+                   help="the seed of the LR sweeps (selection on validation); must not be a reported seed")
     p.add_argument("--quick", action="store_true", help="tiny budgets and 3-point grids (smoke test)")
-    p.add_argument("--out", default=None, help=f"output dir (default {DEFAULT_OUT}; --quick: <that>/quick)")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2, one thread each)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default=None, help=f"output dir (default: {DEFAULT_OUT}; --quick: <that>/quick)")
+    p.add_argument("--jobs", type=cli.positive_int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--no-plots", action="store_true", help="write results.json and results.md only")
     a = p.parse_args(argv)
-    a.tasks = [t for t in a.tasks.split(",") if t]
-    a.optimizers = [o for o in a.optimizers.split(",") if o]
-    for t in a.tasks:
-        if t not in TASKS:
-            p.error(f"unknown task {t!r}")
-    for o in a.optimizers:
-        if o not in OPTIMIZERS:
-            p.error(f"unknown optimizer {o!r}")
+    a.tasks, a.optimizers = list(dict.fromkeys(a.tasks)), list(dict.fromkeys(a.optimizers))   # no repeats
     if "adamw" not in a.optimizers:
         a.optimizers.insert(0, "adamw")
-    if a.seeds is None:
-        a.seeds = list(range(2 if a.quick else 3))
-    elif "," in a.seeds:
-        a.seeds = [int(s) for s in a.seeds.split(",")]
-    else:
-        a.seeds = list(range(int(a.seeds)))
-    if 0 not in a.seeds:
-        a.seeds.insert(0, 0)
+    a.seeds = list(dict.fromkeys(a.seed or range(2 if a.quick else 3)))
+    if a.select_seed in a.seeds:
+        p.error(f"--select-seed {a.select_seed} is one of the reported seeds {a.seeds}: LRs must be "
+                "selected on a seed that is not reported")
     a.out = Path(a.out) if a.out else (DEFAULT_OUT / "quick" if a.quick else DEFAULT_OUT)
     return a
 
@@ -344,11 +398,11 @@ def machine() -> str:
 
 
 def main(argv=None):
+    a = parse_args(argv)
     import torch
     torch.set_num_threads(1)
     from benchmarks import optimizers as O
     from benchmarks.tasks import CONFIG, TASKS
-    a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     log = lambda *s: print(*s, flush=True)   # noqa: E731
@@ -364,11 +418,11 @@ def main(argv=None):
         return [(t, o) for t in a.tasks for o in opts if O.applicable(tasks[t], o)]
 
     log(f"== sweep 1/2: {', '.join(first)}")
-    sw = sweep(pairs(first), a.out, a.jobs, a.quick, {}, log)
+    sw = sweep(pairs(first), a.out, a.jobs, a.quick, {}, log, a.select_seed)
     aux = {t: best_lr(list(sw[(t, "adamw")].values())) for t in a.tasks}
     if second:
         log(f"== sweep 2/2: {', '.join(second)} (AdamW's best LR for their non-matrix params: {aux})")
-        sw.update(sweep(pairs(second), a.out, a.jobs, a.quick, aux, log))
+        sw.update(sweep(pairs(second), a.out, a.jobs, a.quick, aux, log, a.select_seed))
     best = {k: best_lr(list(v.values())) for k, v in sw.items()}
 
     log(f"== seeds {a.seeds} at the best LRs, and AssociativeMomentum confirming runs")
@@ -378,16 +432,21 @@ def main(argv=None):
         jobs += [dict(task=t, optimizer=o, lr=lr, seed=s, aux_lr=x) for s in a.seeds]
     confirm = [(t, o, O.OPTIMIZERS[o]["twin"]) for t in a.tasks for o in a.optimizers
                if O.OPTIMIZERS[o].get("twin") and (t, O.OPTIMIZERS[o]["twin"]) in best]
-    jobs += [dict(task=t, optimizer=o, lr=best[(t, twin)], seed=0, aux_lr=None) for t, o, twin in confirm]
+    jobs += [dict(task=t, optimizer=o, lr=best[(t, twin)], seed=a.seeds[0], aux_lr=None) for t, o, twin in confirm]
+    n_main = len(jobs)
+    frontier = [(t, o) for t, opts in FRONTIER.items() for o in opts if (t, o) in sw]
+    for t, o in frontier:
+        x = aux[t] if O.OPTIMIZERS[o].get("aux") else None
+        jobs += [dict(task=t, optimizer=o, lr=lr, seed=s, aux_lr=x) for lr in sw[(t, o)] for s in a.seeds]
     recs = run_jobs(jobs, a.out, a.jobs, a.quick, log)
     by = {}
-    for r in recs:
+    for r in recs[:n_main]:   # the best-LR and confirming runs (the frontier's are read below)
         by.setdefault((r["task"], r["optimizer"]), {})[r["seed"]] = r
 
     results = {"meta": {
         "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "date": datetime.date.today().isoformat(), "quick": a.quick,
-        "seeds": a.seeds, "jobs": a.jobs, "threads_per_run": 1,
+        "seeds": a.seeds, "select_seed": a.select_seed, "jobs": a.jobs, "threads_per_run": 1,
         "budgets": {t: CONFIG["quick" if a.quick else "full"][t] for t in a.tasks},
     }, "tasks": {}}
     for t in a.tasks:
@@ -397,7 +456,7 @@ def main(argv=None):
             if (t, o) in best:
                 tr[o] = aggregate(task, o, sw[(t, o)], [by[(t, o)][s] for s in a.seeds])
         for o, twin in [(c[1], c[2]) for c in confirm if c[0] == t]:
-            r, ref = by[(t, o)][0], by[(t, twin)][0]
+            r, ref = by[(t, o)][a.seeds[0]], by[(t, twin)][a.seeds[0]]
             same = (r.get("curve") is not None and ref.get("curve") is not None and
                     all(r["curve"][k] == ref["curve"][k] for k in ref["curve"] if k != "time"))
             diffs = [abs(u - v) for k in ("val_loss", "test_loss") if r.get("curve") and ref.get("curve")
@@ -409,6 +468,10 @@ def main(argv=None):
                      "step_time_ms": r["step_time"] * 1e3 if r.get("step_time") else None,
                      "wall_s": r["wall"]}
         target = add_targets({k: v for k, v in tr.items() if not v.get("confirming_run")})
+        for _, o in [f for f in frontier if f[0] == t]:
+            runs = {(r["lr"], r["seed"]): r for r in recs if (r["task"], r["optimizer"]) == (t, o)}   # (one per seed)
+            tr[o]["frontier"] = frontier_points(task, sw[(t, o)], {lr: [r for (x, _), r in runs.items() if x == lr]
+                                                                   for lr in sw[(t, o)]})
         uniq = {(r["optimizer"], r["lr"], r.get("aux_lr"), r["seed"]): r["wall"]
                 for r in [*(r for (tt, _), v in sw.items() if tt == t for r in v.values()),
                           *(r for r in recs if r["task"] == t)]}
@@ -441,4 +504,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -24,7 +24,6 @@ their GB/s is an effective figure; their matmuls are judged against the FLOP roo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,10 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import deepopt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's deepopt
+# torch and deepopt are imported inside the functions: --help answers before they load
+from examples import cli  # noqa: E402
 
 # (tensors read, tensors written) per element of the rule's elementwise work
 TRAFFIC = {
@@ -60,17 +58,21 @@ def model_shapes(d: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-#: deepopt's configurations, each timed on every implementation it has (IMPLEMENTATIONS)
-DEEPOPT = {
-    "AssociativeMomentum (sgd)": lambda ps, **f: deepopt.AssociativeMomentum(ps, lr=1e-3, momentum=0.9, **f),
-    "AssociativeMomentum (adam)": lambda ps, **f: deepopt.AssociativeMomentum(
-        ps, lr=1e-3, preconditioner="adam", weight_decay=0.01, decoupled_weight_decay=True, **f),
-    "DeltaMomentum (elementwise)": lambda ps, **f: deepopt.DeltaMomentum(ps, lr=1e-3, keys="elementwise", **f),
-    "DeltaMomentum (matrix)": lambda ps, **f: deepopt.DeltaMomentum(ps, lr=1e-3, keys="matrix", **f),
-    "DeepMomentum (identity)": lambda ps, **f: deepopt.DeepMomentum(ps, lr=1e-3, **f),
-    "DeepMomentum (newton_schulz)": lambda ps, **f: deepopt.DeepMomentum(ps, lr=1e-3, output="newton_schulz", **f),
-    "M3": lambda ps, **f: deepopt.M3(_m3_groups(ps), lr=0.02, **f),
-}
+def deepopt_configs() -> dict:
+    """deepopt's configurations, each timed on every implementation it has (IMPLEMENTATIONS)."""
+    import deepopt
+    return {
+        "AssociativeMomentum (sgd)": lambda ps, **f: deepopt.AssociativeMomentum(ps, lr=1e-3, momentum=0.9, **f),
+        "AssociativeMomentum (adam)": lambda ps, **f: deepopt.AssociativeMomentum(
+            ps, lr=1e-3, preconditioner="adam", weight_decay=0.01, decoupled_weight_decay=True, **f),
+        "DeltaMomentum (elementwise)": lambda ps, **f: deepopt.DeltaMomentum(ps, lr=1e-3, keys="elementwise", **f),
+        "DeltaMomentum (matrix)": lambda ps, **f: deepopt.DeltaMomentum(ps, lr=1e-3, keys="matrix", **f),
+        "DeepMomentum (identity)": lambda ps, **f: deepopt.DeepMomentum(ps, lr=1e-3, **f),
+        "DeepMomentum (newton_schulz)": lambda ps, **f: deepopt.DeepMomentum(ps, lr=1e-3, output="newton_schulz",
+                                                                             **f),
+        "M3": lambda ps, **f: deepopt.M3(_m3_groups(ps), lr=0.02, **f),
+    }
+
 #: the implementations, chosen explicitly (never the fused=None default): foreach, the Triton
 #: kernels, and the CUDA C++ kernels where a rule has them (AssociativeMomentum)
 IMPLEMENTATIONS = {"foreach": dict(foreach=True), "triton": dict(fused=True),
@@ -79,6 +81,7 @@ IMPLEMENTATIONS = {"foreach": dict(foreach=True), "triton": dict(fused=True),
 
 def optimizers(device: str) -> dict:
     """name -> factory(params) for every optimizer and implementation measured."""
+    import torch
     cuda = device == "cuda"
     torch_fused = dict(fused=True) if cuda else {}
     opts = {
@@ -86,7 +89,7 @@ def optimizers(device: str) -> dict:
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, **torch_fused),
     }
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-    for name, make in DEEPOPT.items():
+    for name, make in deepopt_configs().items():
         for impl, flags in IMPLEMENTATIONS.items():
             if impl == "cuda" and not (cuda and name.startswith("AssociativeMomentum")):
                 continue
@@ -108,6 +111,7 @@ def _m3_groups(ps):
 
 
 def _timer(device: str, warmup: int, rep: int):
+    import torch
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -141,6 +145,7 @@ def _timer(device: str, warmup: int, rep: int):
 
 
 def measure_set(name: str, shapes, device: str, timer, only=None) -> list[dict]:
+    import torch
     gen = torch.Generator(device=device).manual_seed(0)
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
     elsize = 4
@@ -160,7 +165,7 @@ def measure_set(name: str, shapes, device: str, timer, only=None) -> list[dict]:
     src = torch.randn(numel, device=device, generator=gen)
     dst = torch.empty_like(src)
     row("copy", timer(lambda: dst.copy_(src)))
-    del src, dst
+    src = dst = None   # freed before the optimizers' params
 
     for opt_name, make in optimizers(device).items():
         if only and opt_name not in only:
@@ -204,13 +209,14 @@ def print_table(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.parser(__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy sizes on CPU (smoke test)")
-    ap.add_argument("--out", default="benchmarks/results/step_throughput.json")
-    ap.add_argument("--only", nargs="*", help="measure only these optimizers (names as printed)")
-    ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+    ap.add_argument("--out", default="benchmarks/results/step_throughput.json", help="result file (JSON)")
+    ap.add_argument("--only", nargs="+", help="measure only these optimizers (names as printed) (default: all)")
+    ap.add_argument("--warmup", type=cli.positive_int, default=25, help="do_bench warmup (ms)")
+    ap.add_argument("--rep", type=cli.positive_int, default=100, help="do_bench repetitions (ms)")
     args = ap.parse_args(argv)
+    import torch
     torch.set_num_threads(1) if args.tiny else None
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.tiny:
@@ -241,4 +247,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -26,7 +26,7 @@ CONFIG = {
     "full": {
         "mnist1d_mlp": dict(steps=600, eval_every=30, batch_size=128),
         "mnist1d_cnn": dict(steps=500, eval_every=25, batch_size=128),
-        "shakespeare_char": dict(steps=300, eval_every=30, batch_size=16, seq_len=64),
+        "shakespeare_char": dict(steps=300, eval_every=30, batch_size=16, seq_len=64, final_test="whole play"),
         "rosenbrock": dict(steps=1000, eval_every=25),
         "noisy_quadratic": dict(steps=600, eval_every=20),
         "continual_pmnist1d": dict(steps=1000, eval_every=25, batch_size=128, n_tasks=5),
@@ -34,7 +34,7 @@ CONFIG = {
     "quick": {
         "mnist1d_mlp": dict(steps=60, eval_every=10, batch_size=64),
         "mnist1d_cnn": dict(steps=30, eval_every=10, batch_size=64),
-        "shakespeare_char": dict(steps=16, eval_every=8, batch_size=8, seq_len=32),
+        "shakespeare_char": dict(steps=16, eval_every=8, batch_size=8, seq_len=32, final_test="whole play"),
         "rosenbrock": dict(steps=100, eval_every=10),
         "noisy_quadratic": dict(steps=60, eval_every=10),
         "continual_pmnist1d": dict(steps=50, eval_every=10, batch_size=64, n_tasks=5),
@@ -125,7 +125,7 @@ class MNIST1DMLP(Task):
     """MNIST-1D (procedural, 8k/1k/2k train/val/test), MLP 40-128-128-10, cross-entropy."""
     name = "mnist1d_mlp"
     kind = "classification"
-    # first layers slow, head fast (see README_SECTION.md)
+    # first layers slow, head fast (docs/benchmarks.md: MultiFrequency levels)
     mf_periods = {r"^fc1\.": 4, r"^fc2\.": 2}
 
     def __init__(self, quick=False):
@@ -227,11 +227,14 @@ class ShakespeareChar(Task):
         return model(*batch)[1]
 
     @torch.no_grad()
-    def evaluate(self, model, split):
+    def evaluate(self, model, split, max_windows="subset"):
+        """Loss on ``eval_windows`` evenly spaced windows (the curves), or on every window of the
+        split (``max_windows=None``: the final test score, the whole held-out play)."""
         from examples.data import iter_eval_batches
         data = self.val_data if split == "val" else self.test_data
+        windows = self.eval_windows if max_windows == "subset" else max_windows
         tot, n = 0.0, 0
-        for x, y in iter_eval_batches(data, 32, self.T, max_windows=self.eval_windows):
+        for x, y in iter_eval_batches(data, 32, self.T, max_windows=windows):
             tot += model(x, y)[1].item() * len(x)
             n += len(x)
         return {"loss": tot / n}
@@ -370,6 +373,10 @@ def train(task: Task, model: nn.Module, opt, seed: int, splits=("val", "test")) 
             model.train()
     out = {"curve": curve, "diverged": diverged, "steps_done": step,
            "step_time": float(np.median(times)) if times else None, "train_time": t_train}
+    if task.cfg.get("final_test") == "whole play" and not diverged:
+        model.eval()
+        out["final_test_loss_whole"] = task.evaluate(model, "test", max_windows=None)["loss"]
+        model.train()
     if continual:
         out["acc_matrix"] = matrices
     return out

@@ -28,7 +28,7 @@ with ndim < 2 have no rows to key: they use the linear memory only (momentum).
 ``eps`` is relative to ``s`` (keys ``g_i / (||g_i|| + eps s)``), so the rule is the same at every
 gradient scale.
 
-How much the MLP carries (``benchmarks/deep_memory.py``, README): with these defaults its part of
+How much the MLP carries (``benchmarks/deep_memory.py``, docs/optimizers.md): with these defaults its part of
 the update, ``||s f(K)|| / ||M||``, is ~3e-3 after 100 steps on the benchmark MLP, and DeepMomentum
 behaves as SGD-momentum. Every setting tried that gives the MLP a share >= 0.3 either diverged or
 trained worse than SGD-momentum there.
@@ -55,7 +55,7 @@ __all__ = ["DeepMomentum"]
 
 
 def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_lr, memory_decay,
-               linear_memory, adjust_lr, ns_steps):
+               linear_memory, adjust_lr, ns_steps, ns_dtype):
     """From the linear read-out ``u`` to the parameter update and its lr (one param)."""
     if p.ndim < 2:
         return u, lr
@@ -74,7 +74,8 @@ def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_l
     deep = Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape)
     u = u.add(deep, alpha=scale) if linear_memory else deep.mul(scale).to(u.dtype)
     if output == "newton_schulz":
-        u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
+        u = Fn.newton_schulz(as_matrix(u), steps=ns_steps,
+                             dtype=Fn.resolve_ns_dtype(ns_dtype, p.device)).reshape(p.shape)
     return u, Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape)
 
 
@@ -191,6 +192,9 @@ class DeepMomentum(DeepOptimizer):
         adjust_lr: ``None``, ``"original"`` (``lr * sqrt(max(1, rows/cols))``) or
             ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(rows, cols))``), matrix params only.
         ns_steps: Newton-Schulz iterations, 1..99.
+        ns_dtype: the dtype Newton-Schulz runs in: ``"auto"`` (fp32 on CPU, where bf16 matmuls are
+            slow; bf16 elsewhere), ``"bfloat16"`` (torch Muon's, needed for its exact reduction)
+            or ``"float32"``.
         seed: seed of the MLP initialisation (combined with the param's index).
 
     State: ``step``, ``momentum_buffer`` and, for ndim >= 2, ``mlp_in`` (A) and ``mlp_out`` (B).
@@ -202,13 +206,13 @@ class DeepMomentum(DeepOptimizer):
                  nesterov=False, *, hidden=16, memory_lr=0.01, memory_decay=0.1, memory_init=None,
                  linear_memory=True, objective="dot", output="identity", key_norm="row", eps=1e-8,
                  decoupled_weight_decay=False,
-                 adjust_lr=None, ns_steps=5, seed=0, maximize=False, foreach=None, fused=None,
+                 adjust_lr=None, ns_steps=5, ns_dtype="auto", seed=0, maximize=False, foreach=None, fused=None,
                  state_dtype=None, nonfinite="propagate"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, hidden=hidden, memory_lr=memory_lr, memory_decay=memory_decay,
                         memory_init=memory_init, linear_memory=linear_memory, objective=objective, output=output, key_norm=key_norm, eps=eps,
                         decoupled_weight_decay=decoupled_weight_decay, adjust_lr=adjust_lr,
-                        ns_steps=ns_steps, seed=seed, maximize=maximize, foreach=foreach, fused=fused,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, seed=seed, maximize=maximize, foreach=foreach, fused=fused,
                         state_dtype=state_dtype, nonfinite=nonfinite)
         self._index_of: dict[int, int] = {}
         super().__init__(params, defaults)
@@ -236,6 +240,7 @@ class DeepMomentum(DeepOptimizer):
         check_choice("adjust_lr", group["adjust_lr"], (None, "original", "match_rms_adamw"))
         if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
             raise ValueError(f"invalid ns_steps={group['ns_steps']!r}: must be an int in [1, 99]")
+        check_choice("ns_dtype", group["ns_dtype"], Fn.NS_DTYPES)
         if not isinstance(group["seed"], int):
             raise ValueError(f"invalid seed={group['seed']!r}: must be an int")
 
@@ -274,5 +279,5 @@ class DeepMomentum(DeepOptimizer):
     def _rule(self, group):
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "decoupled_weight_decay",
                 "objective", "output", "key_norm", "eps", "memory_lr", "memory_decay", "linear_memory", "adjust_lr",
-                "ns_steps")
+                "ns_steps", "ns_dtype")
         return DEEP_MOMENTUM, {k: group[k] for k in keys}

@@ -55,6 +55,9 @@ __all__ = [
     "matrix_shape",
     "as_matrix",
     "NS_COEFFICIENTS",
+    "NS_DTYPES",
+    "resolve_ns_dtype",
+    "cpu_has_native_bf16",
 ] + list(_memory_all)
 
 def matrix_shape(t: Tensor) -> tuple[int, int]:
@@ -365,17 +368,18 @@ def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tenso
 
 # ------------------------------------------------------------------------------ nonlinear read-out
 def newton_schulz(u: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  eps: float = 1e-7) -> Tensor:
+                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     r"""Orthogonalise ``u`` (its zeroth matrix power) with the quintic Newton-Schulz iteration
-    in bf16, op for op as torch's Muon, so that Muon is an exact special case:
+    in ``dtype``; in bf16 (the default) op for op as torch's Muon, so that Muon is an exact
+    special case:
 
     .. math:: X \leftarrow a X + (b A + c A^2) X, \quad A = X X^\top
 
-    starting from ``X = u / ||u||_F`` (transposed when rows > cols). Returns bf16. For
+    starting from ``X = u / ||u||_F`` (transposed when rows > cols). Returns ``dtype``. For
     ``(..., r, c)`` inputs the batched products use ``baddbmm`` (not bit-equal to ``addmm``).
     """
     a, b, c = coefficients
-    x = u.bfloat16()
+    x = u.to(dtype, copy=True)   # (a copy: x is scaled in place below, u may be a memory)
     tall = u.size(-2) > u.size(-1)
     if tall:
         x = x.mT
@@ -388,7 +392,7 @@ def newton_schulz(u: Tensor, steps: int = 5, coefficients: tuple[float, float, f
     else:
         lead = x.shape[:-2]
         x = x.reshape(-1, *x.shape[-2:])
-        x = x / torch.linalg.matrix_norm(x.float(), keepdim=True).clamp(min=eps).bfloat16()
+        x = x / torch.linalg.matrix_norm(x.float(), keepdim=True).clamp(min=eps).to(dtype)
         for _ in range(steps):
             gram = x @ x.mT
             poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -397,6 +401,28 @@ def newton_schulz(u: Tensor, steps: int = 5, coefficients: tuple[float, float, f
     if tall:
         x = x.mT
     return x
+
+
+#: ``ns_dtype`` values of the Newton-Schulz rules (DeepMomentum, M3)
+NS_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16)."""
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_ns_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype Newton-Schulz runs in. ``"auto"``: bf16 where matmuls run natively in it (CUDA,
+    and CPUs with AMX or AVX512-BF16), fp32 on other CPUs, where bf16 matmuls are emulated:
+    there a DeepMomentum step on a 3072 x 768 matrix took 40x as long with bf16 Newton-Schulz as
+    with fp32, while on an AMX CPU it took 0.3x (``benchmarks/ns_dtype_cpu.py``)."""
+    if ns_dtype == "auto":
+        native = device.type != "cpu" or cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, ns_dtype)
 
 
 def rms(t: Tensor) -> Tensor:

@@ -44,21 +44,22 @@ from .functional import as_matrix
 __all__ = ["M3"]
 
 
-def _slow_memory_step_(p, state, *, chunk, slow_momentum, ns_steps) -> None:
+def _slow_memory_step_(p, state, *, chunk, slow_momentum, ns_steps, ns_dtype) -> None:
     """At a chunk boundary: ``M2 <- lerp(M2, A / C, 1 - mu_s)``, ``O2 = NS(M2)``, ``A = 0``."""
     t = int(state["step"].item())   # a CPU counter: no device sync
     if t % chunk == 0:
         slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)
-        state["slow_output"].copy_(Fn.newton_schulz(as_matrix(slow), steps=ns_steps).reshape(p.shape))
+        slow_output = Fn.newton_schulz(as_matrix(slow), steps=ns_steps, dtype=Fn.resolve_ns_dtype(ns_dtype, p.device))
+        state["slow_output"].copy_(slow_output.reshape(p.shape))
         state["chunk_sum"].zero_()
 
 
 def _m3_update_(p, g, state, *, lr, momentum, nesterov, lerp, slow_momentum, beta2, slow_weight,
-                chunk, eps, precondition, ns_steps, adjust_lr):
+                chunk, eps, precondition, ns_steps, ns_dtype, adjust_lr):
     """Everything after the every-step writes of M1, S and A (one param)."""
-    _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
+    _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps, ns_dtype=ns_dtype)
     u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-    u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
+    u = Fn.newton_schulz(as_matrix(u), steps=ns_steps, dtype=Fn.resolve_ns_dtype(ns_dtype, p.device)).reshape(p.shape)
     if slow_weight != 0:
         u = u.add(state["slow_output"], alpha=slow_weight)
     if precondition:
@@ -100,8 +101,8 @@ def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_d
 
 
 def _fused_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize, nesterov,
-              slow_momentum, beta2, slow_weight, chunk, eps, precondition, ns_steps, adjust_lr,
-              state_dtype, amp=None):
+              slow_momentum, beta2, slow_weight, chunk, eps, precondition, ns_steps, ns_dtype,
+              adjust_lr, state_dtype, amp=None):
     """One launch for the every-step writes (M1, S, A, decay); the chunk-boundary update of the
     slow memory and both Newton-Schulz calls as torch ops; one apply launch for the update."""
     if T.skip_on_host(amp):
@@ -128,16 +129,18 @@ def _fused_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, m
         fix.done()
         xs, scales = [], []
         for p, g, state in zip(ps, gs, sts):
-            _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps)
+            _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps,
+                               ns_dtype=ns_dtype)
             u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-            x = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)
+            x = Fn.newton_schulz(as_matrix(u), steps=ns_steps,
+                                 dtype=Fn.resolve_ns_dtype(ns_dtype, device)).reshape(p.shape)
             if precondition:   # two reductions per matrix: torch ops, as the for-loop path
                 if slow_weight != 0:
                     x = x.add(state["slow_output"], alpha=slow_weight)
                 x = Fn.scale_free_precondition(as_matrix(x), as_matrix(state["exp_avg_sq"]), eps).reshape(p.shape)
             xs.append(x)
             scales.append(float(Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape)))
-        # (xs share one dtype: bf16 after Newton-Schulz, or the state dtype once preconditioned)
+        # (xs share one dtype: Newton-Schulz's, or the state dtype once preconditioned)
         T.apply_update_(ps, xs, lr=lr, lr_scales=scales, weight_decay=0.0, state_dtype=s_dtype,
                         slow=None if precondition else [s["slow_output"] for s in sts], slow_weight=slow_weight)
 
@@ -171,6 +174,8 @@ class M3(DeepOptimizer):
             more than ``1/eps`` times the typical weight.
         precondition: reweight the update by ``1 / (sqrt(S) / rms(sqrt(S)) + eps)``, keeping its RMS.
         ns_steps: Newton-Schulz iterations, 1..99.
+        ns_dtype: ``"auto"`` (fp32 on CPU, bf16 elsewhere), ``"bfloat16"`` (torch Muon's, needed
+            for its exact reduction) or ``"float32"``: the dtype Newton-Schulz runs in.
         adjust_lr: ``"original"`` (default), ``"match_rms_adamw"`` or ``None``.
         maximize, foreach, fused, state_dtype, nonfinite: as :class:`~deepopt.AssociativeMomentum`.
 
@@ -184,12 +189,12 @@ class M3(DeepOptimizer):
 
     def __init__(self, params, lr=0.01, momentum=0.95, dampening=None, weight_decay=0.0,
                  nesterov=False, *, slow_momentum=0.99, beta2=0.95, slow_weight=1.0, chunk=16, eps=0.01,
-                 precondition=True, ns_steps=5, adjust_lr="original", maximize=False, foreach=None,
+                 precondition=True, ns_steps=5, ns_dtype="auto", adjust_lr="original", maximize=False, foreach=None,
                  fused=None, state_dtype=None, nonfinite="propagate"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, slow_momentum=slow_momentum, beta2=beta2,
                         slow_weight=slow_weight, chunk=chunk, eps=eps, precondition=precondition,
-                        ns_steps=ns_steps, adjust_lr=adjust_lr, algorithm="m3", maximize=maximize,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr, algorithm="m3", maximize=maximize,
                         foreach=foreach, fused=fused, state_dtype=state_dtype, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
@@ -229,6 +234,7 @@ class M3(DeepOptimizer):
             raise ValueError(f"invalid chunk={group['chunk']!r}: must be an int >= 1")
         if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
             raise ValueError(f"invalid ns_steps={group['ns_steps']!r}: must be an int in [1, 99]")
+        check_choice("ns_dtype", group["ns_dtype"], Fn.NS_DTYPES)
         check_choice("adjust_lr", group["adjust_lr"], (None, "original", "match_rms_adamw"))
 
     def _check_params(self, group):
@@ -258,6 +264,6 @@ class M3(DeepOptimizer):
 
     def _rule(self, group):
         keys = ("lr", "momentum", "weight_decay", "maximize", "nesterov", "slow_momentum", "beta2", "slow_weight",
-                "chunk", "eps", "precondition", "ns_steps", "adjust_lr")
+                "chunk", "eps", "precondition", "ns_steps", "ns_dtype", "adjust_lr")
         dampening = group["momentum"] if group["dampening"] is None else group["dampening"]
         return M3_RULE, dict({k: group[k] for k in keys}, dampening=dampening)

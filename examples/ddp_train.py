@@ -11,40 +11,38 @@ that need whole matrices (DeepMomentum's MLP and Newton-Schulz, M3) gather each 
 per matrix (round-robin) updates it and broadcasts it, and every rank keeps its shard.
 """
 
-import argparse
 import os
 import sys
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-
-import deepopt
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quickstart import build_optimizer, two_spirals  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]   # quickstart, and the repo root for examples.cli
+# torch is imported in main(): --help answers before it loads
+from quickstart import add_arguments, build_optimizer, default_lr, two_spirals  # noqa: E402
+from examples import cli  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", default="ddp", choices=["ddp", "fsdp2"])
-    parser.add_argument("--optimizer", default="deep", choices=["deep", "delta", "associative", "m3", "multifreq"])
-    parser.add_argument("--lr", type=float, default=None, help="default: 0.5 (0.02 for m3)")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--global-batch", type=int, default=256)
-    parser.add_argument("--ckpt", default=None, help="DCP checkpoint folder: saved at the end, resumed if present")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop (and checkpoint) after this step")
+    parser = cli.parser(__doc__)
+    parser.add_argument("--engine", default="ddp", choices=["ddp", "fsdp2"], help="how the model is distributed")
+    add_arguments(parser)
+    parser.add_argument("--global-batch", type=cli.positive_int, default=256,
+                        help="examples per step over all ranks (a multiple of the world size)")
+    parser.add_argument("--ckpt", default=None,
+                        help="DCP checkpoint folder: saved at the end, resumed if present (default: none)")
     args = parser.parse_args()
-    lr = args.lr if args.lr is not None else (0.02 if args.optimizer == "m3" else 0.5)
+    lr = args.lr if args.lr is not None else default_lr(args.optimizer)
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu")
     if args.global_batch % world:
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
+        parser.error(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
 
-    torch.manual_seed(0)   # same initial weights on every rank
+    torch.manual_seed(args.seed)   # same initial weights on every rank
     model = torch.nn.Sequential(torch.nn.Linear(2, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128),
                                 torch.nn.Tanh(), torch.nn.Linear(128, 2)).to(device)
     if args.engine == "ddp":
@@ -74,7 +72,7 @@ def main():
     x_train, y_train = two_spirals(8192, seed=1)
     x_val, y_val = two_spirals(1024, seed=2)
     per_rank = args.global_batch // world
-    gen = torch.Generator().manual_seed(123)   # the same global batches on every rank
+    gen = torch.Generator().manual_seed(123 + args.seed)   # the same global batches on every rank
     for _ in range(start):
         torch.randint(0, len(x_train), (args.global_batch,), generator=gen)
     end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
@@ -100,4 +98,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,17 +9,20 @@ Two-spirals classification with a small MLP. The only deepopt-specific line is t
 builds the optimizer; scheduler, gradient clipping and checkpointing are plain torch.
 """
 
-import argparse
 import math
 import os
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):   # `python examples/quickstart.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import deepopt
+# torch and deepopt are imported inside the functions: --help answers before they load
+from examples import cli
 
 
 def two_spirals(n, noise=0.1, seed=0):
+    import torch
     gen = torch.Generator().manual_seed(seed)
     t = torch.rand(n, generator=gen) * 3 * math.pi + 0.5
     label = torch.randint(0, 2, (n,), generator=gen)
@@ -30,6 +33,7 @@ def two_spirals(n, noise=0.1, seed=0):
 
 def build_optimizer(name, model, lr):
     """deepopt.create_optimizer routes the params: matrices to the rule; for m3 the rest to AdamW."""
+    import deepopt
     if name == "multifreq":   # first layer updates every 4 steps on its summed gradients
         return deepopt.create_optimizer(model, "multifreq:deep", lr=lr, periods={r"^0\.": 4}, reduce="sum")
     if name == "m3":
@@ -39,17 +43,35 @@ def build_optimizer(name, model, lr):
     return deepopt.create_optimizer(model, "sgd" if name == "associative" else name, lr=lr)
 
 
+def default_lr(optimizer):
+    return 0.02 if optimizer == "m3" else 0.5
+
+
+def add_arguments(parser):
+    """The options quickstart.py and ddp_train.py share."""
+    parser.add_argument("--optimizer", default="deep", choices=["deep", "delta", "associative", "m3", "multifreq"],
+                        help="the deepopt rule (multifreq: DeepMomentum, the first layer every 4 steps)")
+    parser.add_argument("--lr", type=cli.positive_float, default=None,
+                        help=f"learning rate (default: {default_lr('deep')}, {default_lr('m3')} for m3)")
+    parser.add_argument("--steps", type=cli.positive_int, default=600, help="training steps")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    parser.add_argument("--stop-after", type=cli.nonnegative_int, default=None,
+                        help="stop (and checkpoint) after this step, as if interrupted (default: run all --steps)")
+
+
+def parse_args(argv=None):
+    parser = cli.parser(__doc__)
+    add_arguments(parser)
+    parser.add_argument("--ckpt", default=None,
+                        help="checkpoint file: saved at the end, resumed if present (default: none)")
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizer", default="deep", choices=["deep", "delta", "associative", "m3", "multifreq"])
-    parser.add_argument("--lr", type=float, default=None, help="default: 0.5 (0.02 for m3)")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--ckpt", default=None, help="checkpoint file: saved at the end, resumed if present")
-    parser.add_argument("--stop-after", type=int, default=None,
-                        help="stop (and checkpoint) after this step, as if interrupted")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    lr = args.lr if args.lr is not None else (0.02 if args.optimizer == "m3" else 0.5)
+    args = parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+    lr = args.lr if args.lr is not None else default_lr(args.optimizer)
 
     torch.manual_seed(args.seed)
     x_train, y_train = two_spirals(2048, seed=1)
@@ -92,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -39,7 +39,7 @@ MUTANTS = [
      "    shrink = 1 - memory_lr * memory_decay\n    mlp_in.sub_(",
      "    shrink = 1\n    mlp_in.sub_("),
     ("deep: Newton-Schulz output deleted", "deepopt/deep_momentum.py",
-     "        u = Fn.newton_schulz(as_matrix(u), steps=ns_steps).reshape(p.shape)\n    return u, Fn.adjust_lr",
+     "        u = Fn.newton_schulz(as_matrix(u), steps=ns_steps,\n                             dtype=Fn.resolve_ns_dtype(ns_dtype, p.device)).reshape(p.shape)\n    return u, Fn.adjust_lr",
      "        u = u\n    return u, Fn.adjust_lr"),
     ("deep: no-linear-memory read-out keeps M", "deepopt/deep_momentum.py",
      "u = u.add(deep, alpha=scale) if linear_memory else deep.mul(scale).to(u.dtype)",

@@ -89,7 +89,7 @@ ENTRIES = [
     Entry("deep_frozen_ns",
           lambda p, **kw: deepopt.DeepMomentum(p, lr=0.02, momentum=0.95, dampening=0.95, nesterov=True,
                                                memory_lr=0.0, output="newton_schulz", decoupled_weight_decay=True,
-                                               weight_decay=0.1, adjust_lr="original", **kw),
+                                               weight_decay=0.1, adjust_lr="original", ns_dtype="bfloat16", **kw),
           oracle=(lambda p: torch.optim.Muon(p, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1))
           if HAS_MUON else None, oracle_skip=_muon_skip,
           shapes=((4, 3), (6, 5)), decoupled_weight_decay=True, tags=frozenset({"newton_schulz"})),
@@ -98,7 +98,7 @@ ENTRIES = [
           shapes=MATRICES_ONLY, decoupled_weight_decay=True, tags=frozenset({"newton_schulz"})),
     Entry("m3_muon",
           lambda p, **kw: deepopt.M3(p, lr=0.02, momentum=0.95, nesterov=True, slow_weight=0.0, precondition=False,
-                                     weight_decay=0.1, **kw),
+                                     weight_decay=0.1, ns_dtype="bfloat16", **kw),
           oracle=(lambda p: torch.optim.Muon(p, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1))
           if HAS_MUON else None, oracle_skip=_muon_skip,
           shapes=((4, 3), (6, 5)), decoupled_weight_decay=True, tags=frozenset({"newton_schulz"})),

@@ -105,6 +105,34 @@ def test_load_text(tmp_path):
     assert c.train == "x" * 900 and c.val == "y" * 100
 
 
+def test_load_text_refuses_what_it_cannot_train_on(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        data.load_text(tmp_path)
+    for name, raw, match in [("e.txt", b"", "is empty"), ("b.bin", b"ab\0cd" * 500, "NUL bytes"),
+                             ("l.txt", "caf\xe9".encode("latin-1") * 500, "not UTF-8")]:
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(data.DataError, match=match):
+            data.load_text(tmp_path / name, seq_len=8)
+
+
+@pytest.mark.parametrize("seq_len, holdout", [(128, 0.1), (32, 0.0), (256, 0.1)])
+def test_load_text_minimum_length_is_exact(tmp_path, seq_len, holdout):
+    """The length the error names is the shortest file whose splits fill one window each."""
+    path = tmp_path / "t.txt"
+    path.write_text("ab")
+    with pytest.raises(data.DataError, match="too short") as e:
+        data.load_text(path, holdout_fraction=holdout, seq_len=seq_len)
+    need = int(str(e.value).split("at least ")[1].split()[0])
+    path.write_text("abcdefghij" * (need // 10) + "x" * (need % 10))
+    c = data.load_text(path, holdout_fraction=holdout, seq_len=seq_len)
+    train, val = c.tokenizer.encode_tensor(c.train), c.tokenizer.encode_tensor(c.val)
+    assert data.get_batch(train, 2, seq_len)[0].shape == (2, seq_len)
+    assert len(list(data.iter_eval_batches(val, 2, seq_len))) == 1
+    path.write_text("a" * (need - 1))
+    with pytest.raises(data.DataError, match=f"at least {need} "):
+        data.load_text(path, holdout_fraction=holdout, seq_len=seq_len)
+
+
 def test_tokenizer_and_batches():
     tok = data.CharTokenizer.from_text("hello world")
     s = "hello"

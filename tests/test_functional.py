@@ -104,7 +104,48 @@ def test_every_public_name_is_exported():
     assert set(deepopt.__all__) >= {"AssociativeMomentum", "DeltaMomentum", "DeepMomentum", "M3",
                                     "MultiFrequency", "functional"}
     for name in Fn.__all__:
-        assert callable(getattr(Fn, name)) or name == "NS_COEFFICIENTS"
+        assert callable(getattr(Fn, name)) or name in ("NS_COEFFICIENTS", "NS_DTYPES")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_newton_schulz_leaves_its_input_alone_in_its_own_dtype(dtype):
+    """A read-out passed in may be the memory itself: the iteration must work on a copy, also when
+    the input already has the iteration's dtype."""
+    u = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    before = u.clone()
+    out = Fn.newton_schulz(u, dtype=dtype)
+    assert out.dtype == dtype and torch.equal(u, before)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_ns_dtype_auto_is_bf16_where_matmuls_are_native(native, monkeypatch):
+    monkeypatch.setattr(Fn, "cpu_has_native_bf16", lambda: native)
+    assert Fn.resolve_ns_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert Fn.resolve_ns_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert Fn.resolve_ns_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert Fn.resolve_ns_dtype("float32", torch.device("cuda", 0)) == torch.float32
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, **kw: deepopt.DeepMomentum(ps, lr=0.02, output="newton_schulz", **kw),
+    lambda ps, **kw: deepopt.M3(ps, lr=0.02, chunk=2, **kw)], ids=["deep-ns", "m3"])
+def test_ns_dtype_selects_the_newton_schulz_precision(make):
+    """The default follows the hardware ("auto": the trajectory of "bfloat16" on a CPU with native
+    bf16 matmuls, of "float32" on others); the two precisions differ; a bad value names the
+    option and its choices."""
+    def run(**kw):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.randn(6, 5, generator=gen).requires_grad_()]
+        opt = make(ps, **kw)
+        for _ in range(3):
+            ps[0].grad = torch.randn(6, 5, generator=gen)
+            opt.step()
+        return ps[0].detach()
+    auto, fp32, bf16 = run(), run(ns_dtype="float32"), run(ns_dtype="bfloat16")
+    assert torch.equal(auto, bf16 if Fn.cpu_has_native_bf16() else fp32)
+    assert not torch.equal(fp32, bf16)
+    with pytest.raises(ValueError, match="ns_dtype.*'auto', 'bfloat16', 'float32'"):
+        make([torch.zeros(2, 2, requires_grad=True)], ns_dtype="float16")
 
 
 def test_spectral_keys_decay_the_top_direction_by_delta():

@@ -185,7 +185,7 @@ def test_lr_zero_is_an_error_not_the_default(tmp_path, capsys):
     from examples.hope import train
     with pytest.raises(SystemExit):
         train.parse_args(["--lr", "0"])
-    assert "--lr must be > 0" in capsys.readouterr().err
+    assert "argument --lr: must be a number > 0" in capsys.readouterr().err
 
 
 def test_optimizers_wire_multifrequency():

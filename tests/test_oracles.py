@@ -12,8 +12,9 @@ has (for-loop, foreach, and the Triton kernels under the CPU interpreter) is com
 * MultiFrequency at periods 1-4 around a deepopt inner optimizer, ``reduce="sum"`` and ``"mean"``.
 
 Tolerances: fp64 paths 1e-9 relative; the Triton kernels compute in fp32 (fp32 params), 1e-4;
-rules with a bf16 Newton-Schulz read-out are compared at 2e-3 (the oracle runs the same bf16
-quintic iteration, written out here; a last-bit difference in its input moves its output ~1e-3).
+rules with a Newton-Schulz read-out run it in fp32 (compared at 1e-4) or in bf16 (at 2e-3;
+``ns_dtype="auto"`` is one of the two, by the CPU) (the oracle runs the same quintic
+iteration, written out here; a last-bit difference in its bf16 input moves its output ~1e-3).
 """
 
 import math
@@ -27,7 +28,8 @@ import deepopt
 
 F64 = dict(rtol=1e-9, atol=1e-12)
 FUSED = dict(rtol=1e-4, atol=1e-6)
-NS_TOL = dict(rtol=2e-3, atol=2e-3)
+NS_TOL = dict(rtol=2e-3, atol=2e-3)       # bf16 Newton-Schulz
+NS32_TOL = dict(rtol=1e-4, atol=1e-6)     # fp32 Newton-Schulz
 STEPS = 10
 SHAPES = [(6, 5), (4, 7), (5,)]          # two matrices (rows < and > cols) and a vector
 
@@ -76,12 +78,24 @@ def _moved(reference, shapes):
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def newton_schulz_bf16(u, steps=5):
-    """Muon's quintic iteration in bf16, (a, b, c) = (3.4445, -4.7750, 2.0315), from
+def ns_dtype_on_cpu(ns_dtype):
+    """The documented meaning of ``ns_dtype`` for CPU tensors: "auto" is bf16 on a CPU with
+    native bf16 matmuls (a hardware query), fp32 on others."""
+    if ns_dtype == "auto":
+        return torch.bfloat16 if deepopt.functional.cpu_has_native_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns_dtype]
+
+
+def ns_tol(ns_dtype):
+    return NS_TOL if ns_dtype_on_cpu(ns_dtype) == torch.bfloat16 else NS32_TOL
+
+
+def newton_schulz_ref(u, dtype, steps=5):
+    """Muon's quintic iteration in ``dtype``, (a, b, c) = (3.4445, -4.7750, 2.0315), from
     X = u / ||u||_F, transposed when rows > cols, in Muon's published op sequence (addmm), so that
-    only the inputs' rounding separates it from the optimizers' (bit-exact to torch.optim.Muon)."""
+    only the inputs' rounding separates it from the optimizers' (bit-exact to torch.optim.Muon in bf16)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = u.bfloat16()
+    x = u.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -99,7 +113,7 @@ def momentum_write(m, g, a, d):
 # ----------------------------------------------------------------------------- DeepMomentum
 def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, memory_decay, memory_init,
                          objective, linear_memory=True, nesterov=False, weight_decay=0.0, output="identity",
-                         eps=1e-8, seed=0):
+                         eps=1e-8, seed=0, ns_dtype="auto"):
     params, grads = _data(shapes)
     states = []
     for i, p in enumerate(params):
@@ -135,7 +149,7 @@ def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, 
             deep = rho * (F.silu(keys @ state["A"].T) @ state["B"].T)
             u = readout + deep if linear_memory else deep
             if output == "newton_schulz":
-                u = newton_schulz_bf16(u)
+                u = newton_schulz_ref(u, ns_dtype_on_cpu(ns_dtype))
             p -= lr * u
     return params
 
@@ -152,7 +166,9 @@ DEEP_CASES = {
     "l2-no-linear-memory": dict(lr=0.05, momentum=0.9, dampening=0.0, hidden=8, memory_lr=0.5, memory_decay=0.2,
                                 memory_init=1.0, objective="l2", linear_memory=False),
     "newton-schulz": dict(lr=0.02, momentum=0.9, dampening=0.9, hidden=8, memory_lr=0.5, memory_decay=0.2,
-                          memory_init=1.0, objective="dot", output="newton_schulz"),
+                          memory_init=1.0, objective="dot", output="newton_schulz", ns_dtype="float32"),
+    "newton-schulz-bf16": dict(lr=0.02, momentum=0.9, dampening=0.9, hidden=8, memory_lr=0.5, memory_decay=0.2,
+                               memory_init=1.0, objective="dot", output="newton_schulz", ns_dtype="bfloat16"),
 }
 
 
@@ -163,7 +179,10 @@ def test_deep_momentum_matches_its_oracle(case, implementation):
     reference = deep_momentum_oracle(SHAPES, **kw)
     _moved(reference, SHAPES)
     ours = _run_optimizer(lambda ps, **f: deepopt.DeepMomentum(ps, **kw, **f), SHAPES, implementation)
-    tol = NS_TOL if kw.get("output") == "newton_schulz" else (FUSED if implementation == "fused" else F64)
+    if kw.get("output") == "newton_schulz":
+        tol = ns_tol(kw.get("ns_dtype", "auto"))
+    else:
+        tol = FUSED if implementation == "fused" else F64
     _close(ours, reference, tol)
 
 
@@ -256,7 +275,8 @@ def test_delta_forgetting_changes_the_trajectory(keys):
 
 # ----------------------------------------------------------------------------- M3
 def m3_oracle(shapes, *, lr, momentum, slow_momentum, beta2, slow_weight, chunk, eps, precondition,
-              weight_decay=0.0, nesterov=False):
+              weight_decay=0.0, nesterov=False, ns_dtype="auto"):
+    ns = ns_dtype_on_cpu(ns_dtype)
     params, grads = _data(shapes)
     z = [torch.zeros_like(p) for p in params]
     m1, s, acc, m2, o2 = [t.clone() for t in z], [t.clone() for t in z], [t.clone() for t in z], \
@@ -269,10 +289,10 @@ def m3_oracle(shapes, *, lr, momentum, slow_momentum, beta2, slow_weight, chunk,
             acc[i] = acc[i] + g
             if t % chunk == 0:                        # the slow memory: the chunk's mean gradient
                 m2[i] = slow_momentum * m2[i] + (1 - slow_momentum) * acc[i] / chunk
-                o2[i] = newton_schulz_bf16(m2[i])
+                o2[i] = newton_schulz_ref(m2[i], ns)
                 acc[i] = torch.zeros_like(p)
             readout = momentum * m1[i] + (1 - momentum) * g if nesterov else m1[i]
-            u = newton_schulz_bf16(readout) + slow_weight * o2[i]
+            u = newton_schulz_ref(readout, ns) + slow_weight * o2[i]
             if precondition:
                 d = s[i].sqrt()
                 d = d / d.square().mean().sqrt()
@@ -285,9 +305,11 @@ def m3_oracle(shapes, *, lr, momentum, slow_momentum, beta2, slow_weight, chunk,
 
 M3_CASES = {
     "preconditioned": dict(lr=0.02, momentum=0.9, slow_momentum=0.5, beta2=0.9, slow_weight=1.0, chunk=3, eps=0.01,
-                           precondition=True),
+                           precondition=True, ns_dtype="float32"),
     "slow-memory-only": dict(lr=0.02, momentum=0.9, slow_momentum=0.5, beta2=0.9, slow_weight=2.0, chunk=3,
                              eps=0.01, precondition=False, weight_decay=0.1, nesterov=True),
+    "preconditioned-bf16": dict(lr=0.02, momentum=0.9, slow_momentum=0.5, beta2=0.9, slow_weight=1.0, chunk=3,
+                                eps=0.01, precondition=True, ns_dtype="bfloat16"),
 }
 
 
@@ -299,7 +321,7 @@ def test_m3_matches_its_oracle(case, implementation):
     reference = m3_oracle(shapes, **kw)
     _moved(reference, shapes)
     ours = _run_optimizer(lambda ps, **f: deepopt.M3(ps, **kw, **f), shapes, implementation)
-    _close(ours, reference, NS_TOL)
+    _close(ours, reference, ns_tol(kw.get("ns_dtype", "auto")))
 
 
 @pytest.mark.parametrize("term", ["slow_weight", "precondition"])

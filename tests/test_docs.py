@@ -1,0 +1,221 @@
+"""README.md and docs/*.md: every link and repo path they name exists, README keeps the set-up
+structure .ci/run reads, and README's quick start resumes bit-identically, run from its own code
+blocks."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import deepopt
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
+
+TEST_COMMAND = 'python -m pip install -e ".[test]" && python -m pytest -q tests'
+MAIN_COMMAND = 'python -m pip install -e ".[examples]" && python examples/hope/train.py'
+CPU_TORCH = "python -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
+# Files the docs name that a run writes (not in the repo).
+GENERATED = {"ckpt.pt", "hope.pt", "transformer.pt", "train_log.json", "loss.png"}
+# Path prefixes that are outputs, caches or scratch space.
+OUTPUT_PREFIXES = ("out/", "/tmp/", "~/", "$")
+FILE_SUFFIXES = {"py", "md", "json", "png", "txt", "sh", "cu", "cuh", "cpp", "h", "pt", "in", "cfg",
+                 "toml", "yaml", "yml"}
+TOP_DIRS = ("deepopt/", "tests/", "examples/", "benchmarks/", "csrc/", "docs/")
+SKIP_DIRS = {".git", "__pycache__", ".hypothesis", ".pytest_cache", "build", "dist", "out", "runs",
+             ".ci-venv"}
+
+
+def _text(page):
+    return page.read_text(encoding="utf-8")
+
+
+def _without_fences(text):
+    return re.sub(r"^```.*?^```[ \t]*$", "", text, flags=re.S | re.M)
+
+
+def _section(text, heading):
+    """The text from the line `heading` to the next heading of the same or a higher level."""
+    lines = text.split("\n")
+    start = [i for i, line in enumerate(lines) if line.strip() == heading]
+    assert len(start) == 1, f"README needs exactly one {heading!r} heading"
+    level = len(heading) - len(heading.lstrip("#"))
+    out = []
+    for line in lines[start[0] + 1:]:
+        m = re.match(r"(#+) ", line)
+        if m and len(m.group(1)) <= level:
+            break
+        out.append(line)
+    return "\n".join(out)
+
+
+def _fences(text):
+    """(language, body) of every fenced code block."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```[ \t]*$", text, re.S | re.M)]
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading."""
+    s = heading.strip().lower()
+    s = re.sub(r"[^\w\- ]", "", s)
+    return s.replace(" ", "-")
+
+
+def _anchors(page):
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", _without_fences(_text(page)), re.M)}
+
+
+def _repo_basenames():
+    names = set()
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT).parts
+        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel):
+            continue
+        names.add(path.name)
+    return names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    missing = []
+    for m in re.finditer(r"!?\[[^\]]*\]\(([^)\s]+)\)", _without_fences(_text(page))):
+        target = m.group(1)
+        if re.match(r"[a-z]+:", target):            # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (page.parent / file_part).resolve() if file_part else page
+        if not dest.exists():
+            missing.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            missing.append(f"{target} (no such heading)")
+    assert not missing, f"{page.name}: broken links {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_backticked_repo_paths_exist(page):
+    basenames = _repo_basenames()
+    missing = []
+    for span in re.findall(r"`([^`]+)`", _without_fences(_text(page))):
+        for token in span.split():
+            token = token.split("::")[0].strip("(),;:'\"")
+            if not re.fullmatch(r"[\w.\-/]+", token) or token.startswith(OUTPUT_PREFIXES):
+                continue
+            suffix = token.rsplit(".", 1)[-1] if "." in token.rsplit("/", 1)[-1] else ""
+            if "/" in token:
+                if (suffix in FILE_SUFFIXES or token.startswith(TOP_DIRS)) and not (ROOT / token).exists():
+                    missing.append(token)
+            elif suffix in FILE_SUFFIXES and token not in GENERATED and token not in basenames:
+                missing.append(token)
+    assert not missing, f"{page.name}: names files that are not in the repo: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_references_to_a_design_document(page):
+    text = _text(page)
+    assert "DESIGN" not in text and "§" not in text, f"{page.name} cites DESIGN.md, which is not in the repo"
+
+
+def test_setup_has_the_two_commands_ci_reads():
+    text = _text(README)
+    lines = text.split("\n")
+    # .ci/run: sed -n '/<!-- test-command -->/,/^```$/p' README.md | grep -v -e '^```' -e '<!--'
+    marks = [i for i, line in enumerate(lines) if "<!-- test-command -->" in line]
+    assert len(marks) == 1
+    assert lines[marks[0] + 1] == "```bash"
+    end = next(i for i in range(marks[0] + 1, len(lines)) if lines[i] == "```")
+    extracted = [l for l in lines[marks[0]:end + 1] if not l.startswith("```") and "<!--" not in l]
+    assert extracted == [TEST_COMMAND]
+
+    setup = _section(text, "## Set-up: two commands")
+    blocks = _fences(setup)
+    assert [lang for lang, _ in blocks] == ["bash", "bash"]
+    assert [body.strip() for _, body in blocks] == [MAIN_COMMAND, TEST_COMMAND]
+    assert "<!-- test-command -->\n```bash\n" + TEST_COMMAND in setup
+    assert setup.index(CPU_TORCH) < setup.index("```"), "the CPU torch line comes before the commands"
+    assert "4 min 42" not in text
+
+
+def test_readme_tables_match_docs():
+    """README's optimizer tables are copies of docs/optimizers.md's, and the recommended lrs are the
+    defaults create_optimizer uses."""
+    section = _section(_text(README), "## The optimizers and their recommended settings")
+    docs = _text(ROOT / "docs" / "optimizers.md")
+    rows = [line for line in section.split("\n") if line.startswith("|")]
+    assert len(rows) >= 14
+    assert [row for row in rows if row not in docs] == []
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10))
+    for row in rows:
+        m = re.match(r'\| `"([\w-]+)"` \| [^|]+ \| ([\d.e-]+) \|', row)
+        if m:
+            opt = deepopt.create_optimizer(model, m.group(1))
+            assert {g["lr"] for g in opt.param_groups} == {float(m.group(2))}, row
+
+
+def _quick_start_blocks():
+    blocks = [body for lang, body in _fences(_section(_text(README), "## Quick start: swap it into any training loop"))
+              if lang == "python"]
+
+    def one(pred, what):
+        found = [b for b in blocks if pred(b)]
+        assert len(found) == 1, f"README's quick start needs exactly one {what} block"
+        return found[0]
+
+    train = one(lambda b: "for x, y in loader:" in b, "training-loop")
+    build, loop = train.split("for x, y in loader:")
+    save = one(lambda b: "torch.save(" in b, "save")
+    resume = one(lambda b: "torch.load(" in b, "resume")
+    swaps = one(lambda b: b.count("opt = ") > 3 and "loader" not in b, "other-swaps")
+    return build, "for x, y in loader:" + loop, save, resume, swaps
+
+
+def _run(code, ns):
+    exec(compile(code, "README.md (quick start)", "exec"), ns)
+    return ns
+
+
+def test_quick_start_resumes_bit_identically(tmp_path, monkeypatch):
+    build, loop, save, resume, _ = _quick_start_blocks()
+    for line in ('"model"', '"opt"', '"sched"'):
+        assert line in save and line in resume
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 784, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
+
+    torch.manual_seed(0)
+    whole = _run(build + loop, {"loader": batches})
+    torch.manual_seed(0)
+    first = _run(build, {"loader": batches[:4]})
+    init = [p.detach().clone() for p in first["model"].parameters()]
+    _run(loop + save, first)
+    assert (tmp_path / "ckpt.pt").exists()
+
+    torch.manual_seed(1)                          # a fresh process: other init, other RNG state
+    resumed = _run(build, {"loader": batches[4:]})
+    _run(resume + loop, resumed)
+
+    for p, q, p0 in zip(whole["model"].parameters(), resumed["model"].parameters(), init):
+        assert torch.equal(p, q)
+        assert not torch.equal(p, p0)
+    assert whole["sched"].get_last_lr() == resumed["sched"].get_last_lr()
+    assert whole["sched"].last_epoch == resumed["sched"].last_epoch == len(batches)
+    s1, s2 = whole["opt"].state_dict()["state"], resumed["opt"].state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        for key, v in s1[k].items():
+            w = s2[k][key]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (k, key)
+
+
+def test_quick_start_other_swaps_build_and_step():
+    build, _, _, _, swaps = _quick_start_blocks()
+    ns = _run(build, {})
+    x, y = torch.randn(4, 784), torch.randint(0, 10, (4,))
+    for line in re.split(r"\n(?=opt = )", swaps.strip()):
+        _run(line, ns)
+        for _ in range(2):
+            torch.nn.functional.cross_entropy(ns["model"](x), y).backward()
+            ns["opt"].step()
+            ns["opt"].zero_grad()
