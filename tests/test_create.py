@@ -136,3 +136,20 @@ def test_multifrequency_recipe_splits_groups_by_period():
 def test_bad_arguments_raise_clearly(call, message):
     with pytest.raises(ValueError, match=message):
         call(TinyLM())
+
+
+def test_recommended_lrs_are_near_the_benchmark_optima():
+    """The recipes' lrs against the committed sweeps: the number of loss tasks whose selected lr is
+    within a half-decade of the recipe's, as docs/optimizers.md states them."""
+    import json
+    import math
+    from pathlib import Path
+    from deepopt.create import RECIPES
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/results.json").read_text())
+    stated = {"sgd": 4, "adamw": 3, "delta": 4, "deep": 4, "deep-ns": 5, "m3": 4}
+    for name, count in stated.items():
+        lr = RECIPES[name][1]
+        best = [tr["optimizers"][name]["best_lr"] for tr in results["tasks"].values()
+                if tr["kind"] != "continual" and name in tr["optimizers"]]
+        near = sum(abs(math.log10(b / lr)) <= 0.51 for b in best)   # (grid values carry 3 digits)
+        assert len(best) == 5 and near == count, (name, lr, best)

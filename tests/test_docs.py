@@ -219,3 +219,36 @@ def test_quick_start_other_swaps_build_and_step():
             torch.nn.functional.cross_entropy(ns["model"](x), y).backward()
             ns["opt"].step()
             ns["opt"].zero_grad()
+
+
+# ----------------------------------------------------------------------------- numbers from files
+def _json(path):
+    import json
+    return json.loads((ROOT / path).read_text())
+
+
+def _generated_tables():
+    """(page, the table its result file gives now): each docs table of measured numbers is printed
+    by the script that wrote the numbers, so a table edited by hand or a result file rerun
+    without its page fails here."""
+    from benchmarks import deep_memory, distributed_deviation, ns_dtype_cpu, report, step_cost
+    return {
+        "numerics: ns_dtype": ("docs/numerics.md", ns_dtype_cpu.table(
+            _json("benchmarks/results/ns_dtype_cpu.json"), _json("benchmarks/results/ns_dtype_cpu_avx2.json"))),
+        "distributed deviations": ("docs/distributed.md", distributed_deviation.table(
+            _json("benchmarks/results/distributed_deviation.json"))),
+        "deep memory ablation": ("docs/optimizers.md", deep_memory.table(_json("benchmarks/results/deep_memory.json"))),
+        "benchmark summary": ("docs/benchmarks.md", report.summary_table(_json("benchmarks/results/results.json"))),
+        "step cost": ("docs/benchmarks.md", step_cost.table(_json("benchmarks/results/step_cost.json"))),
+    }
+
+
+@pytest.mark.parametrize("name", ["numerics: ns_dtype", "distributed deviations", "deep memory ablation",
+                                  "benchmark summary", "step cost"])
+def test_docs_tables_are_the_result_files(name):
+    page, table = _generated_tables()[name]
+    lines = [line.strip() for line in _text(ROOT / page).splitlines()]
+    want = [line.strip() for line in table.strip().splitlines()]
+    starts = [i for i, line in enumerate(lines) if line == want[0]]
+    assert any(lines[i:i + len(want)] == want for i in starts), (
+        f"{page} does not hold the table its result file gives now:\n{table}")

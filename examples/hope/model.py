@@ -29,7 +29,7 @@ replaces the CMS chain by a single period-1 MLP of the same total width.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -155,7 +155,7 @@ class SelfModifyingTitans(nn.Module):
     # -- state ---------------------------------------------------------------------------
     def initial_state(self, B):
         """Per-sequence copies of the meta-learned initial memories (gradients flow to them)."""
-        cfg, H = self.cfg, self.cfg.n_head
+        cfg = self.cfg
         ex = lambda p: p.expand(B, *p.shape)
         st = {"conv": None}
         if cfg.self_modifying:
