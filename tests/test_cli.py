@@ -167,7 +167,7 @@ def test_train_bad_flags(args, flag):
     ("benchmarks.run", ["--jobs", "0"], ["--jobs"]),
     ("benchmarks.run", ["--seed", "0", "10"], ["--select-seed", "reported"]),
     ("examples/hope/results/sweep_and_ablate.py", ["--seed", "0", "1"], ["--select-seed"]),
-    ("examples/hope/results/long_context.py", ["--ckpt-dir", "no/such/dir"], ["no hope.pt"]),
+    ("examples/hope/results/long_context.py", ["--ckpt-dir", "no/such/dir"], ["no hope.pt or transformer.pt"]),
 ])
 def test_other_user_errors(script, args, words):
     code, _, _, err = probe(script, *args)

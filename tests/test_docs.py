@@ -232,6 +232,7 @@ def _generated_tables():
     by the script that wrote the numbers, so a table edited by hand or a result file rerun
     without its page fails here."""
     from benchmarks import deep_memory, distributed_deviation, ns_dtype_cpu, report, step_cost
+    from examples.hope.results import sweep_and_ablate as hope
     return {
         "numerics: ns_dtype": ("docs/numerics.md", ns_dtype_cpu.table(
             _json("benchmarks/results/ns_dtype_cpu.json"), _json("benchmarks/results/ns_dtype_cpu_avx2.json"))),
@@ -240,11 +241,15 @@ def _generated_tables():
         "deep memory ablation": ("docs/optimizers.md", deep_memory.table(_json("benchmarks/results/deep_memory.json"))),
         "benchmark summary": ("docs/benchmarks.md", report.summary_table(_json("benchmarks/results/results.json"))),
         "step cost": ("docs/benchmarks.md", step_cost.table(_json("benchmarks/results/step_cost.json"))),
+        "hope ablations": ("docs/hope.md", hope.table(_json("examples/hope/results/ablations.json"))),
+        "hope continual": ("docs/hope.md", hope.continual_table(_json("examples/hope/results/ablations.json"))),
+        "hope long context": ("docs/hope.md", hope.long_context_table(_json("examples/hope/results/ablations.json"))),
     }
 
 
 @pytest.mark.parametrize("name", ["numerics: ns_dtype", "distributed deviations", "deep memory ablation",
-                                  "benchmark summary", "step cost"])
+                                  "benchmark summary", "step cost", "hope ablations", "hope continual",
+                                  "hope long context"])
 def test_docs_tables_are_the_result_files(name):
     page, table = _generated_tables()[name]
     lines = [line.strip() for line in _text(ROOT / page).splitlines()]

@@ -1,4 +1,5 @@
 """examples/hope: HOPE model, Transformer++ baseline, training script (tiny sizes, CPU)."""
+import dataclasses
 import json
 
 import pytest
@@ -96,7 +97,7 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(4)
     for m in (hm.HOPE(tiny(memory="mlp")), hm.Transformer(hm.matched_transformer_config(tiny()))):
         path = tmp_path / "m.pt"
-        torch.save({"config": hm.asdict(m.cfg), "model": m.state_dict()}, path)
+        torch.save({"config": dataclasses.asdict(m.cfg), "model": m.state_dict()}, path)
         ck = torch.load(path)
         m2 = hm.build_model(hm.config_from_dict(json.loads(json.dumps(ck["config"]))))
         m2.load_state_dict(ck["model"])

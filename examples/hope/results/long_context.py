@@ -73,8 +73,8 @@ def main(argv=None):
     dirs = [Path(d) for d in args.ckpt_dir]
     found = {kind: next((d / f"{kind}.pt" for d in dirs if (d / f"{kind}.pt").exists()), None)
              for kind in ("hope", "transformer")}
-    if found["hope"] is None:
-        raise FileNotFoundError(f"no hope.pt in {', '.join(map(str, dirs))}: train first "
+    if not any(found.values()):
+        raise FileNotFoundError(f"no hope.pt or transformer.pt in {', '.join(map(str, dirs))}: train first "
                                 f"(python examples/hope/train.py --out {dirs[0]})")
     import torch
     torch.set_num_threads(args.threads)
