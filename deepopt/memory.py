@@ -82,34 +82,67 @@ def linear_memory_read(M, x):
     return x @ M.transpose(-1, -2)
 
 
+def _momentum_weights(beta: float, c: int, like):
+    """B[i, j] = beta^(i-j) for j <= i, else 0 (with beta^0 = 1, also for beta = 0): (c, c)."""
+    idx = torch.arange(c, device=like.device)
+    gap = idx[:, None] - idx[None, :]
+    return torch.where(gap >= 0, torch.tensor(float(beta), dtype=like.dtype, device=like.device) ** gap.clamp_min(0),
+                       torch.zeros((), dtype=like.dtype, device=like.device))
+
+
 def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
-                        self_values=False):
-    """Chunk-wise write of a linear memory over a sequence; returns ``(y, M_end)``.
+                        self_values=False, momentum=0.0, S=None):
+    """Chunk-wise write of a linear memory over a sequence; returns ``(y, M_end)``, or
+    ``(y, M_end, S_end)`` when a momentum state ``S`` is passed.
 
     M: (..., dv, dk) initial state; k: (..., T, dk); v: (..., T, dv) (or (..., T, dk) with
     ``self_values``, target ``M_s v_t``); eta, alpha: (..., T); q: (..., T, dk) or None
     (then y is None). ``chunk_size=None``: the whole sequence is one chunk.
+
+    ``momentum`` beta in [0, 1) with its state ``S`` (shaped as M; zeros to start): the write
+    goes through a momentum of the inner gradient steps, ``S_t = beta S_{t-1} + eta_t (v_hat_t -
+    M_s k_t) k_t^T``, ``M_t = alpha_t M_{t-1} + S_t`` (the paper's inner momentum; beta = 0 is the
+    plain write). Inside a chunk both recurrences are linear, so the chunk stays parallel: with
+    ``D[t, i] = prod_{i<u<=t} alpha_u`` and ``B[i, j] = beta^(i-j)``, token j's step enters M_t with
+    weight ``(D B)[t, j]`` and the carried ``S_s`` with ``sum_i D[t, i] beta^i``.
     """
     T = k.shape[-2]
     c = _check(objective, T, chunk_size)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+    if momentum and S is None:
+        raise ValueError("momentum > 0 needs its state S (zeros shaped as M to start)")
     ys = []
     for s in range(0, T, c):
         kc, vc, ec, ac = k[..., s:s + c, :], v[..., s:s + c, :], eta[..., s:s + c], alpha[..., s:s + c]
+        n = kc.shape[-2]
         vhat = linear_memory_read(M, vc) if self_values else vc
         u = ec[..., None] * (vhat - linear_memory_read(M, kc))          # eta_j (v_hat_j - M_s k_j)
         A = _decays(ac)
+        D = _intra(A)
+        if S is not None:
+            B = _momentum_weights(momentum, n, u)
+            W = D @ B                                                    # weight of token j in M_t
+            carry = D @ B[:, :1] * momentum                              # sum_i D[t, i] beta^i (i from 1)
+        else:
+            W, carry = D, None
         if q is not None:
             qc = q[..., s:s + c, :]
-            scores = (qc @ kc.transpose(-1, -2)) * _intra(A)           # (q_t . k_j) prod alpha
-            ys.append(A.exp()[..., None] * linear_memory_read(M, qc) + scores @ u)
-        w_end = (A[..., -1:] - A).exp()                                  # prod_{u>j} alpha_u
-        M = A[..., -1].exp()[..., None, None] * M + (u * w_end[..., None]).transpose(-1, -2) @ kc
+            y = A.exp()[..., None] * linear_memory_read(M, qc) + ((qc @ kc.transpose(-1, -2)) * W) @ u
+            if carry is not None:
+                y = y + carry * linear_memory_read(S, qc)
+            ys.append(y)
+        M_next = A[..., -1].exp()[..., None, None] * M + (u * W[..., -1, :, None]).transpose(-1, -2) @ kc
+        if S is not None:
+            M_next = M_next + carry[..., -1, :, None] * S
+            S = momentum ** n * S + (u * B[-1, :, None]).transpose(-1, -2) @ kc
+        M = M_next
     y = torch.cat(ys, dim=-2) if q is not None else None
-    return y, M
+    return (y, M) if S is None else (y, M, S)
 
 
 def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
-                            self_values=False):
+                            self_values=False, momentum=0.0, S=None):
     """Token-by-token loop with the chunk-start semantics of :func:`linear_memory_write`."""
     T = k.shape[-2]
     c = _check(objective, T, chunk_size)
@@ -119,11 +152,15 @@ def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, obj
             Ms = M
         kt, vt = k[..., t, :, None], v[..., t, :, None]
         vhat = Ms @ vt if self_values else vt
-        M = alpha[..., t, None, None] * M + eta[..., t, None, None] * (vhat - Ms @ kt) @ kt.transpose(-1, -2)
+        step = eta[..., t, None, None] * (vhat - Ms @ kt) @ kt.transpose(-1, -2)
+        if S is not None:
+            S = momentum * S + step
+            step = S
+        M = alpha[..., t, None, None] * M + step
         if q is not None:
             ys.append((M @ q[..., t, :, None])[..., 0])
     y = torch.stack(ys, dim=-2) if q is not None else None
-    return y, M
+    return (y, M) if S is None else (y, M, S)
 
 
 # --------------------------------------------------------------------------- MLP memory

@@ -65,6 +65,14 @@ positive_float = _number(float, 0, strict=True)
 nonnegative_float = _number(float, 0, strict=False)
 
 
+def unit_interval(text):
+    """An argparse ``type``: a number in [0, 1)."""
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def fail(message: str):
     """End the script as argparse's ``parser.error`` does: ``prog: error: message``, status 2."""
     sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {message}\n")

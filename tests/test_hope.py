@@ -18,7 +18,8 @@ def tiny(**kw):
 
 
 VARIANTS = [dict(), dict(memory="mlp"), dict(self_modifying=False), dict(cms=False),
-            dict(memory="mlp", objective="dot", self_modifying=False)]
+            dict(memory="mlp", objective="dot", self_modifying=False), dict(inner_momentum=0.9),
+            dict(inner_momentum=0.5, self_modifying=False), dict(inner_momentum=0.9, inner_momentum_ema=True)]
 
 
 def _models():
@@ -41,13 +42,15 @@ def test_causality(i):
             assert not torch.allclose(m(x2)[0][:, t + 1:], y[:, t + 1:])
 
 
-@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("memory", ["linear", "mlp", "linear+momentum"])
 @pytest.mark.parametrize("c", [1, 4, 16])
 def test_model_chunked_equals_chunk_start_loop(memory, c, monkeypatch):
     """The model's chunk-wise memories equal the per-token chunk-start loop."""
-    from deepopt import memory
+    from deepopt import memory as memory_rules
     torch.manual_seed(1)
-    m = hm.HOPE(tiny(memory=memory, chunk_size=c, gen_chunk_size=16)).double()
+    kind, momentum = (memory.split("+")[0], 0.9 if "+" in memory else 0.0)
+    m = hm.HOPE(tiny(memory=kind, chunk_size=c, gen_chunk_size=16, inner_momentum=momentum)).double()
+    memory = memory_rules
     x = torch.randint(0, 17, (2, 32))
     fast = m(x)[0]
     monkeypatch.setattr(hm, "linear_memory_write", memory.linear_memory_reference)
@@ -257,3 +260,18 @@ def test_throughput_mode(tmp_path):
                       "--throughput", "--optimizer", "adamw", "--device", "cpu"])
     assert set(res["median_tokens_per_s"]) == {"hope", "transformer"}
     assert (tmp_path / "o" / "throughput.json").exists()
+
+
+def test_inner_momentum_changes_the_memory_and_is_for_linear_memories():
+    """With inner momentum the memories carry a momentum state and read differently; with the
+    token-loop reference in place of the chunked write the model computes the same."""
+    torch.manual_seed(0)
+    plain = hm.HOPE(tiny()).double()
+    torch.manual_seed(0)
+    moving = hm.HOPE(tiny(inner_momentum=0.9)).double()
+    x = torch.randint(0, 17, (2, 40))
+    _, _, state = moving(x, return_state=True)
+    assert {"gen_momentum", "mem_momentum"} <= set(state[0])
+    assert (plain(x)[0] - moving(x)[0]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="linear memories"):
+        hm.HOPE(tiny(memory="mlp", inner_momentum=0.9))

@@ -47,6 +47,58 @@ def test_linear_chunk1_is_full_recurrence(self_values):
     torch.testing.assert_close(M, M2, rtol=1e-10, atol=1e-10)
 
 
+def _naive_momentum_recurrence(M, S, q, k, v, eta, alpha, beta):
+    """Token by token with inner momentum: S <- beta S + eta (v - M k) k^T, M <- alpha M + S."""
+    ys = []
+    for t in range(k.shape[-2]):
+        kt, qt, vt = k[..., t, :, None], q[..., t, :, None], v[..., t, :, None]
+        S = beta * S + eta[..., t, None, None] * (vt - M @ kt) @ kt.transpose(-1, -2)
+        M = alpha[..., t, None, None] * M + S
+        ys.append((M @ qt)[..., 0])
+    return torch.stack(ys, -2), M, S
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9])
+@pytest.mark.parametrize("c", [1, 5, 16, 32])
+def test_linear_momentum_chunked_equals_its_loops(beta, c):
+    """The chunk-parallel momentum write (weights D B, the carried S) equals the token loop with
+    chunk-start gradients, and at chunk size 1 the plain momentum recurrence; the state carries
+    across calls (two halves = one call)."""
+    q, k, v, eta, alpha, r = _inputs()
+    M0, S0 = 0.3 * r(2, 3, 8, 8), 0.1 * r(2, 3, 8, 8)
+    y, M, S = mem.linear_memory_write(M0, k, v, eta, alpha, q, chunk_size=c, momentum=beta, S=S0)
+    y2, M2, S2 = mem.linear_memory_reference(M0, k, v, eta, alpha, q, chunk_size=c, momentum=beta, S=S0)
+    for a_, b_ in ((y, y2), (M, M2), (S, S2)):
+        torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-10)
+    if c == 1:
+        y3, M3, S3 = _naive_momentum_recurrence(M0, S0, q, k, v, eta, alpha, beta)
+        for a_, b_ in ((y, y3), (M, M3), (S, S3)):
+            torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-10)
+    if c == 16:
+        h = 16
+        ya, Ma, Sa = mem.linear_memory_write(M0, k[..., :h, :], v[..., :h, :], eta[..., :h], alpha[..., :h],
+                                             q[..., :h, :], chunk_size=c, momentum=beta, S=S0)
+        yb, Mb, Sb = mem.linear_memory_write(Ma, k[..., h:, :], v[..., h:, :], eta[..., h:], alpha[..., h:],
+                                             q[..., h:, :], chunk_size=c, momentum=beta, S=Sa)
+        torch.testing.assert_close(torch.cat([ya, yb], -2), y, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(Mb, M, rtol=1e-10, atol=1e-10)
+    # the momentum term matters: the plain write differs
+    y0, _ = mem.linear_memory_write(M0, k, v, eta, alpha, q, chunk_size=c)
+    assert (y - y0).abs().max() > 1e-3
+
+
+def test_linear_momentum_zero_is_the_plain_write_and_bad_input_is_refused():
+    q, k, v, eta, alpha, r = _inputs()
+    M0 = 0.3 * r(2, 3, 8, 8)
+    y, M = mem.linear_memory_write(M0, k, v, eta, alpha, q, chunk_size=4)
+    y1, M1, _ = mem.linear_memory_write(M0, k, v, eta, alpha, q, chunk_size=4, S=torch.zeros_like(M0))
+    assert torch.equal(y, y1) and torch.equal(M, M1)
+    with pytest.raises(ValueError, match="momentum must lie in"):
+        mem.linear_memory_write(M0, k, v, eta, alpha, q, momentum=1.0, S=torch.zeros_like(M0))
+    with pytest.raises(ValueError, match="needs its state S"):
+        mem.linear_memory_write(M0, k, v, eta, alpha, q, momentum=0.5)
+
+
 @pytest.mark.parametrize("c", [1, 4, 16, 5])
 @pytest.mark.parametrize("self_values", [False, True])
 @pytest.mark.parametrize("objective", ["dot", "l2"])

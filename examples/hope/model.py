@@ -10,7 +10,7 @@ Read top to bottom (nanoGPT style):
    self-generated values an unnormalized v makes the write factor ``alpha I + eta (v - k) k^T``
    expanding and the memories diverge within a few hundred tokens). Every memory writes with its own self-generated
    value ``v_hat = M(v)`` by delta-rule gradient descent with retention (weight decay) through
-   ``deepopt.functional`` (``linear_memory_write`` / ``mlp_memory_write``, chunk-wise parallel,
+   ``deepopt.memory`` (``linear_memory_write`` / ``mlp_memory_write``, chunk-wise parallel,
    autograd-safe), starting from meta-learned initial states (``nn.Parameter``s). q and k are
    L2-normalized, a short causal depthwise conv (window 4) mixes neighbouring tokens first.
    Two chunk sizes as in the paper: the generator memories (k, v, eta, alpha) update every
@@ -24,7 +24,10 @@ Read top to bottom (nanoGPT style):
 
 Ablations: ``self_modifying=False`` replaces the generator memories by fixed linear projections
 (and M_mem regresses the plain values v: a Titans/DeltaNet-style linear memory); ``cms=False``
-replaces the CMS chain by a single period-1 MLP of the same total width.
+replaces the CMS chain by a single period-1 MLP of the same total width. ``inner_momentum=beta``
+writes each linear memory through a momentum of its inner steps (``S <- beta S + step``,
+``M <- alpha M + S``; the paper's HOPE has it, and its "w/o momentum" ablation is beta = 0);
+``inner_momentum_ema`` scales each step by ``1 - beta`` so that the total rate stays ``eta``.
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ class HopeConfig:
     cms: bool = True                 # ablation switch
     eta_max: float = 1.0             # eta = eta_max * sigmoid(M_eta(x) + b)
     alpha_bias: float = 4.0          # initial retention ~ sigmoid(4) = 0.982
+    inner_momentum: float = 0.0      # momentum beta of the linear memories' writes (0: none; the
+                                     # paper's "w/o momentum" ablation is 0)
+    inner_momentum_ema: bool = False # scale each step by 1 - beta (an EMA: the same total rate)
     kind: str = "hope"
 
 
@@ -123,6 +129,8 @@ class SelfModifyingTitans(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.objective = cfg.objective or ("dot" if cfg.memory == "linear" else "l2")
+        if cfg.inner_momentum and cfg.memory == "mlp":
+            raise ValueError("inner_momentum is for linear memories (--memory linear)")
         D, H = cfg.n_embd, cfg.n_head
         dh = D // H
         self.dh = dh
@@ -169,7 +177,21 @@ class SelfModifyingTitans(nn.Module):
             st["mem_mlp_out"], st["mem_mlp_in"] = ex(self.mem_mlp_out), ex(self.mem_mlp_in)
         else:
             st["mem"] = ex(self.mem_init)
+        if cfg.inner_momentum:   # each linear memory's momentum state starts at zero
+            for key in [k for k in ("gen", "ea", "mem") if k in st]:
+                st[f"{key}_momentum"] = torch.zeros_like(st[key])
         return st
+
+    def _linear_write(self, st, new, key, k, v, eta, alpha, q=None, **kw):
+        """One linear memory's write, through its momentum state when it has one."""
+        if f"{key}_momentum" in st:
+            if self.cfg.inner_momentum_ema:   # S is an EMA of the steps: the total rate stays eta
+                eta = eta * (1 - self.cfg.inner_momentum)
+            y, new[key], new[f"{key}_momentum"] = linear_memory_write(
+                st[key], k, v, eta, alpha, q, momentum=self.cfg.inner_momentum, S=st[f"{key}_momentum"], **kw)
+        else:
+            y, new[key] = linear_memory_write(st[key], k, v, eta, alpha, q, **kw)
+        return y
 
     # -- pieces --------------------------------------------------------------------------
     def _rates(self, eta_raw, alpha_raw):
@@ -203,9 +225,9 @@ class SelfModifyingTitans(nn.Module):
                 ins.append(mlp_in)
                 outs.append(mlp_out)
             new["kv_mlp_in"], new["kv_mlp_out"] = torch.stack(ins), torch.stack(outs)
-            _, new["ea"] = linear_memory_write(st["ea"], k, v, eta, alpha, **kw)
+            self._linear_write(st, new, "ea", k, v, eta, alpha, **kw)
         else:
-            _, new["gen"] = linear_memory_write(st["gen"], k, v, eta, alpha, **kw)
+            self._linear_write(st, new, "gen", k, v, eta, alpha, **kw)
         return new
 
     def _read_write_mem(self, st, q, k, v, eta, alpha):
@@ -215,7 +237,7 @@ class SelfModifyingTitans(nn.Module):
             y, new["mem_mlp_in"], new["mem_mlp_out"] = mlp_memory_write(st["mem_mlp_in"], st["mem_mlp_out"], k, v,
                                                                         eta, alpha, q, **kw)
         else:
-            y, new["mem"] = linear_memory_write(st["mem"], k, v, eta, alpha, q, **kw)
+            y = self._linear_write(st, new, "mem", k, v, eta, alpha, q, **kw)
         return y, new
 
     def forward(self, x, state=None):

@@ -136,7 +136,8 @@ def build_configs(args, vocab_size):
                       n_embd=p["n_embd"], n_head=p["n_head"], cms_hidden=p["cms_hidden"],
                       memory=args.memory, chunk_size=args.chunk_size,
                       gen_chunk_size=args.gen_chunk_size, cms_periods=tuple(args.cms_periods),
-                      cms=not args.no_cms, self_modifying=not args.no_self_mod)
+                      cms=not args.no_cms, self_modifying=not args.no_self_mod,
+                      inner_momentum=args.inner_momentum, inner_momentum_ema=args.inner_momentum_ema)
     return {"hope": hcfg, "transformer": matched_transformer_config(hcfg)}
 
 
@@ -349,6 +350,10 @@ def parse_args(argv=None):
                     help="update period (steps) of each CMS level")
     ap.add_argument("--no-cms", action="store_true", help="ablation: one period-1 MLP instead of CMS")
     ap.add_argument("--no-self-mod", action="store_true", help="ablation: fixed k/v/eta/alpha projections")
+    ap.add_argument("--inner-momentum", type=cli.unit_interval, default=0.0,
+                    help="momentum of the linear memories' writes, in [0, 1) (0: none)")
+    ap.add_argument("--inner-momentum-ema", action="store_true",
+                    help="scale each inner step by 1 - momentum (an EMA of the steps: the total rate stays eta)")
     ap.add_argument("--out", default="out/hope", help="output folder (checkpoints, train_log.json, loss.png)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--sample-chars", type=cli.nonnegative_int, default=300,

@@ -1,7 +1,8 @@
 """HOPE vs Transformer++ on equal terms: an lr sweep per model on the validation split, then
 each model at its own best lr on 3 seeds, and the ablations (HOPE without CMS, without
-self-modification) at HOPE's best lr on the same seeds. The cpu preset (500 steps of 32 x 128
-characters), one thread per run, two runs at a time: 20 runs, about 35 minutes on 2 cores.
+self-modification) and the variants with inner momentum at HOPE's best lr on the same seeds.
+The cpu preset (500 steps of 32 x 128 characters), one thread per run, two runs at a time: 29
+runs, about 55 minutes on 2 cores.
 
     python examples/hope/results/sweep_and_ablate.py        # -> examples/hope/results/ablations.json
 
@@ -30,7 +31,11 @@ LRS = [1e-3, 3e-3, 1e-2, 3e-2]
 #: row name -> (model, extra train.py flags)
 VARIANTS = {"HOPE": ("hope", []), "Transformer++": ("transformer", []),
             "HOPE w/o CMS (one period-1 MLP)": ("hope", ["--no-cms"]),
-            "HOPE w/o self-modification (fixed k/v/eta/alpha projections)": ("hope", ["--no-self-mod"])}
+            "HOPE w/o self-modification (fixed k/v/eta/alpha projections)": ("hope", ["--no-self-mod"]),
+            "HOPE with inner momentum 0.5": ("hope", ["--inner-momentum", "0.5"]),
+            "HOPE with inner momentum 0.9": ("hope", ["--inner-momentum", "0.9"]),
+            "HOPE with inner momentum 0.9, EMA (steps x 0.1)": ("hope", ["--inner-momentum", "0.9",
+                                                                     "--inner-momentum-ema"])}
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
 
 
