@@ -351,7 +351,7 @@ def add_targets(task_res: dict):
     return target
 
 
-def frontier_points(task, sweep_recs, recs_by_lr) -> list[dict]:
+def frontier_points(sweep_recs, recs_by_lr) -> list[dict]:
     """Per swept LR: test average final accuracy and forgetting over the reported seeds (mean, 95%
     interval), and the validation metric the selection saw."""
     points = []
@@ -471,7 +471,7 @@ def main(argv=None):
         target = add_targets({k: v for k, v in tr.items() if not v.get("confirming_run")})
         for _, o in [f for f in frontier if f[0] == t]:
             runs = {(r["lr"], r["seed"]): r for r in recs if (r["task"], r["optimizer"]) == (t, o)}   # (one per seed)
-            tr[o]["frontier"] = frontier_points(task, sw[(t, o)], {lr: [r for (x, _), r in runs.items() if x == lr]
+            tr[o]["frontier"] = frontier_points(sw[(t, o)], {lr: [r for (x, _), r in runs.items() if x == lr]
                                                                    for lr in sw[(t, o)]})
         uniq = {(r["optimizer"], r["lr"], r.get("aux_lr"), r["seed"]): r["wall"]
                 for r in [*(r for (tt, _), v in sw.items() if tt == t for r in v.values()),

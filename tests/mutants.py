@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["tests/test_oracles.py", "tests/test_reductions.py", "tests/test_parity.py", "tests/test_fused.py",
-        "tests/test_contract.py", "tests/test_multi_frequency.py"]
+        "tests/test_contract.py", "tests/test_multi_frequency.py", "tests/test_memory.py"]
 
 # (name, file, original snippet, replacement)
 MUTANTS = [
@@ -47,6 +47,16 @@ MUTANTS = [
     ("Newton-Schulz scales its input in place", "deepopt/functional.py",
      "    x = u.to(dtype, copy=True)",
      "    x = u.to(dtype)"),
+    # HOPE's linear memory with inner momentum (deepopt/memory.py)
+    ("memory: momentum steps enter M undecayed by beta (W = D)", "deepopt/memory.py",
+     "            W = D @ B                                                    # weight of token j in M_t",
+     "            W = D"),
+    ("memory: carried momentum state S_s deleted from M", "deepopt/memory.py",
+     "            M_next = M_next + carry[..., -1, :, None] * S",
+     "            M_next = M_next"),
+    ("memory: carried momentum state S_s deleted from the reads", "deepopt/memory.py",
+     "                y = y + carry * linear_memory_read(S, qc)",
+     "                y = y"),
     ("deep: no-linear-memory read-out keeps M", "deepopt/deep_momentum.py",
      "u = u.add(deep, alpha=scale) if linear_memory else deep.mul(scale).to(u.dtype)",
      "u = u.add(deep, alpha=scale)"),

@@ -36,23 +36,20 @@ VARIANTS = {"HOPE": ("hope", []), "Transformer++": ("transformer", []),
             "HOPE with inner momentum 0.9": ("hope", ["--inner-momentum", "0.9"]),
             "HOPE with inner momentum 0.9, EMA (steps x 0.1)": ("hope", ["--inner-momentum", "0.9",
                                                                      "--inner-momentum-ema"])}
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
 
 
-def run_dir(runs: Path, model: str, flags: list[str], lr: float, seed: int, steps: int) -> Path:
+def run_dir(runs: Path, model: str, flags: list[str], lr: float, seed: int, steps: int, preset: str) -> Path:
     tag = "".join(f.strip("-").replace("-", "_") + "_" for f in flags)
-    return runs / f"{model}_{tag}lr{lr:g}_steps{steps}_seed{seed}"
+    kind = "" if preset == "cpu" else f"{preset}_"   # (a smoke run never lands in a cpu run's folder)
+    return runs / f"{model}_{tag}{kind}lr{lr:g}_steps{steps}_seed{seed}"
 
 
-PRESET = ["--preset", "cpu"]   # (main() replaces it: --preset tiny is a smoke test)
-
-
-def train(runs: Path, model: str, flags: list[str], lr: float, seed: int, steps: int) -> dict:
-    out = run_dir(runs, model, flags, lr, seed, steps)
+def train(runs: Path, model: str, flags: list[str], lr: float, seed: int, steps: int, preset: str) -> dict:
+    out = run_dir(runs, model, flags, lr, seed, steps, preset)
     log = out / "train_log.json"
     if not log.exists():
         cmd = [sys.executable, "examples/hope/train.py", "--model", model, "--lr", f"{lr:g}", "--seed", str(seed),
-               "--steps", str(steps), "--threads", "1", "--quiet", "--out", str(out), *PRESET, *flags]
+               "--steps", str(steps), "--threads", "1", "--quiet", "--out", str(out), "--preset", preset, *flags]
         print("+", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     rec = json.loads(log.read_text())["models"][model]
@@ -69,8 +66,8 @@ def after_training(script: str, ckpt_dir: str, out: Path, extra: list[str]) -> d
 
 
 def summary(values: list[float]) -> dict:
-    mean = statistics.mean(values)
-    ci = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+    from benchmarks.run import ci95   # (the suite's one 95% t-interval)
+    mean, ci = statistics.mean(values), ci95(values)
     return dict(mean=mean, ci95=ci, values=values)
 
 
@@ -124,13 +121,13 @@ def main(argv=None):
     if args.select_seed in args.seed:
         ap.error("--select-seed must not be a reported seed")
     runs = Path(args.runs)
-    PRESET[1] = args.preset
     with ThreadPoolExecutor(args.jobs) as pool:
-        sweep = {name: list(pool.map(lambda lr, m=model, f=flags: train(runs, m, f, lr, args.select_seed, args.steps), LRS))
+        sweep = {name: list(pool.map(lambda lr, m=model, f=flags: train(runs, m, f, lr, args.select_seed, args.steps,
+                                                                         args.preset), LRS))
                  for name, (model, flags) in VARIANTS.items() if not flags}
         best = {name: min(points, key=lambda p: p["val_bpc"])["lr"] for name, points in sweep.items()}
         best.update({name: best["HOPE"] for name, (_, flags) in VARIANTS.items() if flags})
-        jobs = {(name, s): pool.submit(train, runs, model, flags, best[name], s, args.steps)
+        jobs = {(name, s): pool.submit(train, runs, model, flags, best[name], s, args.steps, args.preset)
                 for name, (model, flags) in VARIANTS.items() for s in args.seed}
         seeds = {key: job.result() for key, job in jobs.items()}
     rows = {name: dict(lr=best[name], val_bpc=summary([seeds[(name, s)]["val_bpc"] for s in args.seed]),
