@@ -1,7 +1,7 @@
 """How much of DeepMomentum's update its MLP memory carries, per design, on the benchmark MLP.
 
 For each design (a set of DeepMomentum options), train the MNIST-1D MLP (40-128-128-10, the
-benchmark task, seed 0, lr 0.1 unless the design says otherwise) and record, at chosen steps
+benchmark task, seeds 0..9, lr 0.1 unless the design says otherwise) and record, at chosen steps
 and for each weight matrix, the MLP's share ``||rho f(K)|| / ||M||`` (``M`` the linear memory
 after its write; with ``linear_memory=False`` the update is ``rho f(K)`` alone, and the share
 is measured against the ``M`` that momentum would have kept), the cosine of ``rho f(K)`` with
@@ -24,22 +24,31 @@ if str(ROOT) not in sys.path:
 # numpy, torch and deepopt are imported inside the functions: --help answers before they load
 from examples import cli  # noqa: E402
 
-#: name -> DeepMomentum options (lr 0.1 and momentum 0.9 unless given)
+#: Muon's options in DeepMomentum (torch Muon bit for bit at memory_lr 0)
+MUON = dict(momentum=0.95, dampening=0.95, nesterov=True, output="newton_schulz", adjust_lr="original",
+            decoupled_weight_decay=True, ns_dtype="bfloat16", lr=0.00316)
+#: name -> DeepMomentum options (lr 0.1 and momentum 0.9 unless given; the defaults otherwise)
 DESIGNS = {
     "SGD-momentum (memory_lr 0)": dict(memory_lr=0.0),
-    "SGD-momentum (memory_lr 0), lr 0.3": dict(memory_lr=0.0, lr=0.3),
-    "memory_lr 0.01, decay 0.1 (default)": dict(memory_lr=0.01, memory_decay=0.1),
-    "memory_lr 0.1, decay 1": dict(memory_lr=0.1, memory_decay=1.0),
-    "memory_lr 0.1, decay 0.1, A ~ N(0, 0.09)": dict(memory_lr=0.1, memory_decay=0.1, memory_init=0.3),
-    "memory_lr 1, decay 0.1": dict(memory_lr=1.0, memory_decay=0.1),
-    "memory_lr 1, decay 0.1, hidden 64": dict(memory_lr=1.0, memory_decay=0.1, hidden=64),
-    "memory_lr 1, decay 0.1, A ~ N(0, 1)": dict(memory_lr=1.0, memory_decay=0.1, memory_init=1.0),
-    "memory_lr 1, decay 0.01": dict(memory_lr=1.0, memory_decay=0.01),
-    "l2, no linear memory, memory_lr 3, decay 0.0033": dict(memory_lr=3.0, memory_decay=0.01 / 3, objective="l2",
-                                                           linear_memory=False),
-    "l2, no linear memory, memory_lr 3, decay 0.0033, lr 1": dict(memory_lr=3.0, memory_decay=0.01 / 3,
-                                                                 objective="l2", linear_memory=False, lr=1.0),
+    "SGD-momentum, Nesterov (memory_lr 0)": dict(memory_lr=0.0, nesterov=True),
+    "SGD-momentum (memory_lr 0), lr 0.13": dict(memory_lr=0.0, lr=0.13),
+    "l2, memory_lr 2, decay 0.01, A ~ N(0, 1) (default)": dict(),
+    "l2, memory_lr 0.3": dict(memory_lr=0.3),
+    "l2, memory_lr 1": dict(memory_lr=1.0),
+    "l2, memory_lr 4": dict(memory_lr=4.0),
+    "l2, decay 0.1": dict(memory_decay=0.1),
+    "l2, A ~ N(0, 1/d)": dict(memory_init=None),
+    "l2, A ~ N(0, 9)": dict(memory_init=3.0),
+    "l2, hidden 64": dict(hidden=64),
+    "l2, no linear memory (DMGD)": dict(linear_memory=False),
+    "l2, no linear memory (DMGD), lr 1": dict(linear_memory=False, lr=1.0),
+    "dot, memory_lr 1": dict(objective="dot"),
+    "dot, memory_lr 0.01, decay 0.1, A ~ N(0, 1/d) (the old default)": dict(objective="dot", memory_lr=0.01,
+                                                                          memory_decay=0.1, memory_init=None),
+    "Muon (memory_lr 0, Muon's options, lr 0.00316)": dict(MUON, memory_lr=0.0),
+    "l2 memory with Muon's options, lr 0.00316": dict(MUON),
 }
+SEEDS = tuple(range(10))
 RECORD_AT = (1, 10, 50, 100, 200, 400, 600)
 
 
@@ -92,14 +101,25 @@ def run(design: dict, steps: int | None = None, seed: int = 0) -> dict:
 
 
 def summary(record: dict) -> dict:
-    """Mean over the weight matrices of the share and the cosine, per recorded step."""
+    """Mean over the weight matrices and the seeds of the share and the cosine, per recorded step
+    (NaN where a seed diverged)."""
     import numpy as np
     rows = {}
-    for step, per_param in record["readings"].items():
-        shares = [r["share"] for r in per_param.values()]
-        coss = [r["cos_with_grad"] for r in per_param.values()]
+    for step in record["readings"][0]:
+        per_seed = [readings.get(step, {}) for readings in record["readings"]]
+        shares = [r["share"] for per_param in per_seed for r in per_param.values()]
+        coss = [r["cos_with_grad"] for per_param in per_seed for r in per_param.values()]
         rows[int(step)] = dict(share=float(np.mean(shares)), cos_with_grad=float(np.mean(coss)))
     return rows
+
+
+def _mean_ci(xs) -> str:
+    """``mean ± 95% t-half-width`` over the seeds, or "diverged (k of n)"."""
+    from benchmarks.run import ci95
+    bad = sum(1 for x in xs if x != x or x in (float("inf"), float("-inf")))
+    if bad:
+        return f"diverged ({bad} of {len(xs)})"
+    return f"{sum(xs) / len(xs):.4f} ± {ci95(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.4f}"
 
 
 def table(results: dict) -> str:
@@ -108,12 +128,12 @@ def table(results: dict) -> str:
              "|---|---|---|---|"]
     for name, record in results.items():
         summ = {int(k): v for k, v in record["summary"].items()}
+
         def cell(step, key):
             value = summ.get(step, {}).get(key)
             return "diverged" if value is None or value != value else f"{value:.3g}"
-        val = record["val_loss"]
         lines.append(f"| {name} | {cell(100, 'share')} / {cell(600, 'share')} | {cell(100, 'cos_with_grad')} | "
-                     f"{'diverged' if val != val else f'{val:.4f}'} |")
+                     f"{_mean_ci(record['val_loss'])} |")
     return "\n".join(lines)
 
 
@@ -123,6 +143,8 @@ def main(argv=None):
                     help="result file (JSON)")
     ap.add_argument("--designs", nargs="+", choices=list(DESIGNS), metavar="DESIGN",
                     help="names of DESIGNS to run, quoted (default: all)")
+    ap.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=list(SEEDS),
+                    help="seeds; the table gives the mean and the 95%% t-interval over them")
     ap.add_argument("--steps", type=cli.positive_int, default=None, help="training steps (default: the task's 600)")
     ap.add_argument("--table", action="store_true", help="print the docs/optimizers.md table from --out and exit")
     args = ap.parse_args(argv)
@@ -135,11 +157,14 @@ def main(argv=None):
     for name, design in DESIGNS.items():
         if args.designs and name not in args.designs:
             continue
-        record = run(design, args.steps)
+        per_seed = [run(design, args.steps, seed) for seed in args.seed]
+        record = dict(options=per_seed[0]["options"], seeds=list(args.seed),
+                      val_loss=[r["val_loss"] for r in per_seed], val_acc=[r["val_acc"] for r in per_seed],
+                      readings=[r["readings"] for r in per_seed])
         record["summary"] = summary(record)
         results[name] = record
         at100 = record["summary"].get(100, {})
-        print(f"{name:55s} val {record['val_loss']:.4f}  share@100 {at100.get('share', float('nan')):.3f}  "
+        print(f"{name:60s} val {_mean_ci(record['val_loss'])}  share@100 {at100.get('share', float('nan')):.3f}  "
               f"cos@100 {at100.get('cos_with_grad', float('nan')):.3f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -317,10 +317,9 @@ def hyper(device, *values: float) -> Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def apply_update_(params, updates, *, lr, lr_scales, weight_decay, state_dtype, amp=None, slow=None,
-                  slow_weight=0.0):
+def apply_update_(params, updates, *, lr, lr_scales, weight_decay, amp=None):
     """The last step of the matrix rules (DeepMomentum, M3), one launch:
-    ``p <- p (1 - lr wd) - lr * scale_t * (X [+ slow_weight * O])`` over matrices of one device
+    ``p <- p (1 - lr wd) - lr * scale_t * X`` over matrices of one device
     and dtype. ``updates`` (X) share one dtype (bf16 after Newton-Schulz, or the state dtype)."""
     if not params:
         return
@@ -331,11 +330,10 @@ def apply_update_(params, updates, *, lr, lr_scales, weight_decay, state_dtype, 
     lr_f, lr_t, lr_tensor = lr_args(lr, device)
     scales = [s if lr_tensor else lr_f * s for s in lr_scales]
     _, inf_t, _, has_inf = amp_args(amp, device)
-    has_slow = slow is not None and slow_weight != 0
-    launch("apply", [ps, xs, slow if has_slow else [None] * len(ps)],
+    launch("apply", [ps, xs],
            (lr_f, lr_t if lr_tensor else dummy(device), inf_t, float(weight_decay),
-            float(1 - lr_f * weight_decay), float(slow_weight)),
-           dict(P_DT=tl_dtype(ps[0].dtype), X_DT=tl_dtype(xs[0].dtype), S_DT=tl_dtype(state_dtype),
-                HAS_WD=weight_decay != 0, HAS_SLOW=has_slow, LR_TENSOR=lr_tensor, HAS_INF=has_inf),
+            float(1 - lr_f * weight_decay)),
+           dict(P_DT=tl_dtype(ps[0].dtype), X_DT=tl_dtype(xs[0].dtype),
+                HAS_WD=weight_decay != 0, LR_TENSOR=lr_tensor, HAS_INF=has_inf),
            cols=[scales])
     fix.done()

@@ -264,12 +264,12 @@ def m3_write_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog,
             p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
             tl.store(p_ptr + offs, (p * decay_v).to(P_DT), mask=st)
 
-# -- the last step of the matrix rules: p <- p * decay - lr_t * (X [+ w O])
+# -- the last step of the matrix rules: p <- p * decay - lr_t * X
 @triton.jit
 def apply_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, cols,
-                 lr, lr_ptr, inf_ptr, wd, decay, slow_weight,
-                 P_DT: tl.constexpr, X_DT: tl.constexpr, S_DT: tl.constexpr,
-                 HAS_WD: tl.constexpr, HAS_SLOW: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_INF: tl.constexpr,
+                 lr, lr_ptr, inf_ptr, wd, decay,
+                 P_DT: tl.constexpr, X_DT: tl.constexpr,
+                 HAS_WD: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_INF: tl.constexpr,
                  ITERS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lr_v = _lr(lr, lr_ptr, LR_TENSOR)
@@ -284,9 +284,6 @@ def apply_kernel(ptrs, sizes, chunks, n_tensors, n_chunks, nprog, cols,
         p_ptr = _ptr(ptrs, 0, n_tensors, t, valid, P_DT)
         p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
         u = tl.load(_ptr(ptrs, 1, n_tensors, t, valid, X_DT) + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_SLOW:
-            o = tl.load(_ptr(ptrs, 2, n_tensors, t, valid, S_DT) + offs, mask=m, other=0.0).to(tl.float32)
-            u = u + slow_weight * o
         if HAS_WD:
             p = p * decay_v
         p = p + (-lr_t) * u

@@ -320,50 +320,53 @@ def mlp_memory(keys: Tensor, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
 
 
 def _mlp_memory_grads(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
-                      linear: Tensor | None, objective: str) -> tuple[Tensor, Tensor]:
-    """Closed-form gradients ``(dL/dA, dL/dB)`` of the MLP memory's inner objective."""
+                      objective: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form gradients ``(dL/dA, dL/dB)`` of the MLP memory's inner objective, and the
+    normalised rate's denominator ``1 + mean_i ||h_i||^2``."""
     z = keys @ mlp_in.mT
-    sig = torch.sigmoid(z)
-    hidden = z * sig
+    hidden = F.silu(z)
     rows = keys.shape[-2]
     if objective == "dot":
         d_out = target / -rows
     else:
-        residual = hidden @ mlp_out.mT - target
-        if linear is not None:
-            residual = residual + linear
-        d_out = residual / rows
+        d_out = (hidden @ mlp_out.mT - target) / rows
     d_z = (d_out @ mlp_out) * silu_grad(z)
-    return d_z.mT @ keys, d_out.mT @ hidden
+    norm = 1 + hidden.square().sum(-1).sum(-1, keepdim=True) / max(rows, 1)   # (an empty matrix: no rows)
+    return d_z.mT @ keys, d_out.mT @ hidden, norm.unsqueeze(-1)
 
 
-def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
-                     linear: Tensor | None = None, *, objective: str = "dot",
-                     memory_lr: float = 0.01, memory_decay: float = 0.0) -> None:
-    r"""One simultaneous closed-form gradient step of the MLP memory on its inner objective.
+def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, *,
+                     objective: str = "l2", memory_lr: float = 1.0, memory_decay: float = 0.0) -> None:
+    r"""One simultaneous closed-form gradient step of the MLP memory ``f`` on its own inner
+    objective, at a normalised rate (the normalised delta rule). With ``r`` rows, ``k_i`` the
+    keys, ``g_i`` the targets, ``h_i = silu(A k_i)``:
 
-    With ``m(K) = M + f(K)`` (``M`` = ``linear``, may be ``None`` for 0) and ``r`` rows:
+    * ``"l2"``: ``L = 1/(2r) sum_i ||f(k_i) - g_i||^2`` (the MLP regresses the gradient);
+    * ``"dot"``: ``L = -(1/r) sum_i <f(k_i), g_i>`` (momentum's objective; unbounded below).
 
-    * ``"dot"``: ``L = -(1/r) sum_i <m(k_i), g_i>``, so ``dL/df = -G / r``;
-    * ``"l2"``: ``L = 1/(2r) sum_i ||m(k_i) - g_i||^2``, so ``dL/df = (m(K) - G) / r``.
+    With ``Z = K A^T``, ``H = silu(Z)``, ``E = dL/df``: ``dB = E^T H``,
+    ``dA = (E B * silu'(Z))^T K``; then, from the pre-step values,
 
-    With ``Z = K A^T``, ``H = silu(Z)``: ``dB = (dL/df)^T H``,
-    ``dA = ((dL/df) B * silu'(Z))^T K``; then ``A -= lr dA``, ``B -= lr dB`` (both from the
-    pre-step values) and ``A, B *= 1 - lr * memory_decay``. No autograd graph is built.
+    .. math::
+        (A, B) \leftarrow (1 - \eta\lambda)\Big((A, B) - rac{\eta}{1 + \mathrm{mean}_i \|h_i\|^2}
+        (dA, dB)\Big)
+
+    The rate is normalised as in normalised LMS: for ``B`` the l2 step is stable for
+    ``memory_lr`` in (0, 2) whatever the width and the scale of ``A`` (``mean ||h||^2`` bounds the
+    curvature), and the dot objective's growth slows as ``h`` grows. No autograd graph is built.
     """
-    d_in, d_out = _mlp_memory_grads(mlp_in, mlp_out, keys, target, linear, objective)
+    d_in, d_out, norm = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
     shrink = 1 - memory_lr * memory_decay
-    mlp_in.sub_(d_in, alpha=memory_lr).mul_(shrink)
-    mlp_out.sub_(d_out, alpha=memory_lr).mul_(shrink)
+    mlp_in.sub_(d_in.mul_(memory_lr / norm)).mul_(shrink)
+    mlp_out.sub_(d_out.mul_(memory_lr / norm)).mul_(shrink)
 
 
-def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
-                    linear: Tensor | None = None, *, objective: str = "dot",
-                    memory_lr: float = 0.01, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
+def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, *,
+                    objective: str = "l2", memory_lr: float = 1.0, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
     """Out-of-place :func:`mlp_memory_step_`: returns the new ``(A, B)`` (autograd-safe)."""
-    d_in, d_out = _mlp_memory_grads(mlp_in, mlp_out, keys, target, linear, objective)
+    d_in, d_out, norm = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
     shrink = 1 - memory_lr * memory_decay
-    return mlp_in.sub(d_in, alpha=memory_lr).mul(shrink), mlp_out.sub(d_out, alpha=memory_lr).mul(shrink)
+    return ((mlp_in - d_in * (memory_lr / norm)) * shrink, (mlp_out - d_out * (memory_lr / norm)) * shrink)
 
 
 # ------------------------------------------------------------------------------ nonlinear read-out

@@ -744,8 +744,8 @@ def test_hyperparameters_edited_in_param_groups_are_checked_at_step_before_anyth
      lambda p: deepopt.DeltaMomentum(p, lr=0.1), r"options \['beta2', 'preconditioner'\].*another optimizer"),
     (lambda p: deepopt.DeltaMomentum(p, lr=0.1, keys="elementwise"),
      lambda p: deepopt.DeltaMomentum(p, lr=0.1), r"saved with keys='elementwise'"),
-    (lambda p: deepopt.DeepMomentum(p, lr=0.1, objective="l2"),
-     lambda p: deepopt.DeepMomentum(p, lr=0.1), r"saved with objective='l2'"),
+    (lambda p: deepopt.DeepMomentum(p, lr=0.1, objective="dot"),
+     lambda p: deepopt.DeepMomentum(p, lr=0.1), r"saved with objective='dot'"),
     (lambda p: deepopt.M3(p, lr=0.1, precondition=False),
      lambda p: deepopt.M3(p, lr=0.1), r"saved with precondition=False"),
 ], ids=["adam-into-sgd", "delta-into-associative", "associative-into-delta", "keys", "objective", "precondition"])

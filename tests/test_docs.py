@@ -231,7 +231,7 @@ def _generated_tables():
     """(page, the table its result file gives now): each docs table of measured numbers is printed
     by the script that wrote the numbers, so a table edited by hand or a result file rerun
     without its page fails here."""
-    from benchmarks import deep_memory, distributed_deviation, ns_dtype_cpu, report, step_cost
+    from benchmarks import deep_memory, distributed_deviation, matched_lr, ns_dtype_cpu, report, step_cost
     from examples.hope.results import sweep_and_ablate as hope
     return {
         "numerics: ns_dtype": ("docs/numerics.md", ns_dtype_cpu.table(
@@ -241,6 +241,7 @@ def _generated_tables():
         "deep memory ablation": ("docs/optimizers.md", deep_memory.table(_json("benchmarks/results/deep_memory.json"))),
         "benchmark summary": ("docs/benchmarks.md", report.summary_table(_json("benchmarks/results/results.json"))),
         "step cost": ("docs/benchmarks.md", step_cost.table(_json("benchmarks/results/step_cost.json"))),
+        "matched-lr control": ("docs/benchmarks.md", matched_lr.table(_json("benchmarks/results/matched_lr.json"))),
         "hope ablations": ("docs/hope.md", hope.table(_json("examples/hope/results/ablations.json"))),
         "hope continual": ("docs/hope.md", hope.continual_table(_json("examples/hope/results/ablations.json"))),
         "hope long context": ("docs/hope.md", hope.long_context_table(_json("examples/hope/results/ablations.json"))),
@@ -248,7 +249,7 @@ def _generated_tables():
 
 
 @pytest.mark.parametrize("name", ["numerics: ns_dtype", "distributed deviations", "deep memory ablation",
-                                  "benchmark summary", "step cost", "hope ablations", "hope continual",
+                                  "benchmark summary", "step cost", "matched-lr control", "hope ablations", "hope continual",
                                   "hope long context"])
 def test_docs_tables_are_the_result_files(name):
     page, table = _generated_tables()[name]

@@ -13,28 +13,47 @@ dims = st.integers(1, 8)
 
 @given(rows=dims, cols=dims, hidden=st.integers(1, 6), objective=st.sampled_from(["dot", "l2"]),
        seed=st.integers(0, 10**6))
-def test_mlp_memory_step_is_a_gradient_step_on_the_inner_objective(rows, cols, hidden, objective, seed):
+def test_mlp_memory_step_is_a_normalised_gradient_step_on_the_inner_objective(rows, cols, hidden, objective, seed):
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
-    linear = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
     a = torch.randn(hidden, cols, generator=gen, dtype=torch.float64)
     b = torch.randn(cols, hidden, generator=gen, dtype=torch.float64)
     keys = Fn.row_keys(g)
 
     a_ref, b_ref = a.clone().requires_grad_(), b.clone().requires_grad_()
-    memory = linear + Fn.mlp_memory(keys, a_ref, b_ref)
+    memory = Fn.mlp_memory(keys, a_ref, b_ref)
     if objective == "dot":
         loss = -(memory * g).sum() / rows
     else:
         loss = 0.5 * (memory - g).square().sum() / rows
     loss.backward()
     lr, decay = 0.3, 0.2
-    expect_a = (a - lr * a_ref.grad) * (1 - lr * decay)
-    expect_b = (b - lr * b_ref.grad) * (1 - lr * decay)
+    h = torch.nn.functional.silu(keys @ a.T)
+    rate = lr / (1 + sum(h[i] @ h[i] for i in range(rows)) / rows)   # normalised LMS
+    expect_a = (a - rate * a_ref.grad) * (1 - lr * decay)
+    expect_b = (b - rate * b_ref.grad) * (1 - lr * decay)
 
-    new_a, new_b = Fn.mlp_memory_step(a, b, keys, g, linear, objective=objective, memory_lr=lr, memory_decay=decay)
+    new_a, new_b = Fn.mlp_memory_step(a, b, keys, g, objective=objective, memory_lr=lr, memory_decay=decay)
     torch.testing.assert_close(new_a, expect_a, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(new_b, expect_b, rtol=1e-10, atol=1e-12)
+    a_inplace, b_inplace = a.clone(), b.clone()
+    Fn.mlp_memory_step_(a_inplace, b_inplace, keys, g, objective=objective, memory_lr=lr, memory_decay=decay)
+    torch.testing.assert_close(a_inplace, expect_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b_inplace, expect_b, rtol=1e-10, atol=1e-12)
+
+
+@given(hidden=st.integers(1, 64), init=st.floats(0.1, 10.0), seed=st.integers(0, 10**6))
+def test_normalised_l2_step_on_the_read_out_layer_contracts_the_residual(hidden, init, seed):
+    """The normalised rate's promise: at memory_lr 2 (the edge) the l2 step on B never grows the
+    residual, whatever the width and the scale of A (the curvature is at most mean ||h||^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    keys = Fn.row_keys(g)
+    a = torch.randn(hidden, 5, generator=gen, dtype=torch.float64) * init
+    b = torch.randn(5, hidden, generator=gen, dtype=torch.float64)
+    before = (Fn.mlp_memory(keys, a, b) - g).norm()
+    _, new_b = Fn.mlp_memory_step(a, b, keys, g, objective="l2", memory_lr=2.0)
+    assert (Fn.mlp_memory(keys, a, new_b) - g).norm() <= before * (1 + 1e-9)
 
 
 @given(rows=dims, cols=dims, momentum=st.floats(0.0, 0.99), frac=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))

@@ -140,12 +140,13 @@ def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, 
             if objective == "dot":
                 loss = -(f * (g / rho)).sum() / rows
             else:
-                linear = m / rho if linear_memory else 0.0
-                loss = 0.5 * (linear + f - g / rho).square().sum() / rows
+                loss = 0.5 * (f - g / rho).square().sum() / rows
             grad_a, grad_b = torch.autograd.grad(loss, (A, B))
+            hidden_rows = F.silu(keys @ state["A"].T)
+            rate = memory_lr / (1 + sum(float(h @ h) for h in hidden_rows) / rows)
             shrink = 1 - memory_lr * memory_decay
-            state["A"] = shrink * (state["A"] - memory_lr * grad_a)
-            state["B"] = shrink * (state["B"] - memory_lr * grad_b)
+            state["A"] = shrink * (state["A"] - rate * grad_a)
+            state["B"] = shrink * (state["B"] - rate * grad_b)
             deep = rho * (F.silu(keys @ state["A"].T) @ state["B"].T)
             u = readout + deep if linear_memory else deep
             if output == "newton_schulz":
@@ -292,12 +293,14 @@ def m3_oracle(shapes, *, lr, momentum, slow_momentum, beta2, slow_weight, chunk,
                 o2[i] = newton_schulz_ref(m2[i], ns)
                 acc[i] = torch.zeros_like(p)
             readout = momentum * m1[i] + (1 - momentum) * g if nesterov else m1[i]
-            u = newton_schulz_ref(readout, ns) + slow_weight * o2[i]
+            fast = newton_schulz_ref(readout, ns)
+            u = fast + slow_weight * o2[i]
             if precondition:
                 d = s[i].sqrt()
                 d = d / d.square().mean().sqrt()
-                v = u / (d + eps)
-                u = v * (u.square().mean().sqrt() / v.square().mean().sqrt())
+                u = u / (d + eps)
+            if precondition or slow_weight:           # the update keeps NS(M1)'s RMS: Muon's step size
+                u = u * (fast.square().mean().sqrt() / u.square().mean().sqrt())
             rows, cols = p.shape
             p -= lr * math.sqrt(max(1, rows / cols)) * u
     return params
