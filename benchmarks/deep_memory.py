@@ -13,6 +13,7 @@ docs/optimizers.md ("DeepMomentum: does the memory matter?").
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -115,18 +116,25 @@ def summary(record: dict) -> dict:
 
 def _mean_ci(xs) -> str:
     """``mean ± 95% t-half-width`` over the seeds, or "diverged (k of n)"."""
-    from benchmarks.run import ci95
-    bad = sum(1 for x in xs if x != x or x in (float("inf"), float("-inf")))
-    if bad:
-        return f"diverged ({bad} of {len(xs)})"
-    return f"{sum(xs) / len(xs):.4f} ± {ci95(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+    from benchmarks.run import mean_ci_text
+    bad = sum(1 for x in xs if not math.isfinite(x))
+    return f"diverged ({bad} of {len(xs)})" if bad else mean_ci_text(xs, "{:.4f} ± {:.3f}")
 
 
-def table(results: dict) -> str:
-    """The ablation table of docs/optimizers.md from the JSON this script writes."""
+#: the rows of README's short version of the table
+README_ROWS = ("SGD-momentum (memory_lr 0)", "l2, memory_lr 2, decay 0.01, A ~ N(0, 1) (default)",
+               "l2, no linear memory (DMGD), lr 1", "dot, memory_lr 0.01, decay 0.1, A ~ N(0, 1/d) (the old default)",
+               "Muon (memory_lr 0, Muon's options, lr 0.00316)", "l2 memory with Muon's options, lr 0.00316")
+
+
+def table(results: dict, rows=None) -> str:
+    """The ablation table of docs/optimizers.md (``rows``: only those designs, as README) from the
+    JSON this script writes."""
     lines = ["| design (lr 0.1 unless noted) | share at step 100 / 600 | cos(rho f, G) at 100 | val loss after 600 |",
              "|---|---|---|---|"]
     for name, record in results.items():
+        if rows is not None and name not in rows:
+            continue
         summ = {int(k): v for k, v in record["summary"].items()}
 
         def cell(step, key):
@@ -147,9 +155,10 @@ def main(argv=None):
                     help="seeds; the table gives the mean and the 95%% t-interval over them")
     ap.add_argument("--steps", type=cli.positive_int, default=None, help="training steps (default: the task's 600)")
     ap.add_argument("--table", action="store_true", help="print the docs/optimizers.md table from --out and exit")
+    ap.add_argument("--readme", action="store_true", help="with --table: README's rows only")
     args = ap.parse_args(argv)
     if args.table:
-        print(table(json.loads(Path(args.out).read_text())))
+        print(table(json.loads(Path(args.out).read_text()), README_ROWS if args.readme else None))
         return
     import torch
     torch.set_num_threads(1)

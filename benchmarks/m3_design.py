@@ -3,14 +3,13 @@
 The logs of the runs behind M3's defaults (lr 0.01, eps 0.01; docs/optimizers.md "M3 at its defaults") are in
 benchmarks/results/m3_design/. They were made with the commands
 
-    python -m benchmarks.m3_design mnist1d_mlp --eps 1e-8 0.01 0.1 --lr 0.00316 0.01 0.0316 0.1
-    python -m benchmarks.m3_design mnist1d_mlp --eps 1e-8 0.01 --lr 0.0001 0.000316 0.001     # mnist1d_mlp_low_lr.log
+    python -m benchmarks.m3_design mnist1d_mlp --eps 1e-8 0.01 0.1 --lr 0.001 0.00316 0.01 0.0316
     python -m benchmarks.m3_design noisy_quadratic --eps 1e-8 0.01 0.1 --lr 0.00316 0.01 0.0316 0.1
-    python -m benchmarks.m3_design rosenbrock --eps 1e-8 0.01 --lr 0.001 0.00316 0.01 0.0316 0.1
-    python -m benchmarks.m3_design shakespeare_char --eps 1e-8 0.01 --lr 0.00316 0.01 0.0316 0.1
-    python -m benchmarks.m3_design mnist1d_cnn --eps 1e-8 0.01 --lr 0.001 0.00316 0.01 0.0316
+    python -m benchmarks.m3_design rosenbrock --eps 1e-8 0.01 0.1 --lr 0.00316 0.01 0.0316
+    python -m benchmarks.m3_design mnist1d_cnn --eps 1e-8 0.01 0.1 --lr 0.00316 0.01 0.0316
+    python -m benchmarks.m3_design shakespeare_char --eps 1e-8 0.01 0.1 --lr 0.00316 0.01 0.0316
 
-Each line printed: task, eps, lr, final validation loss, diverged. The AdamW group runs at
+(2026-12-02, with the update rescaled to Muon's RMS.) Each line printed: task, eps, lr, final validation loss, diverged. The AdamW group runs at
 AdamW's best lr for the task (betas 0.9, 0.999), as in the benchmark suite.
 """
 from __future__ import annotations

@@ -50,20 +50,15 @@ def muon_runs(task_name: str, lr: float, aux_lr: float, target: float, seeds) ->
     return dict(lr=lr, final_test_loss=losses, steps_to_target_per_seed=steps)
 
 
-def _mean_ci(xs) -> str:
-    from benchmarks.run import ci95
-    if any(x is None for x in xs):
-        return "not reached by every seed"
-    return f"{sum(xs) / len(xs):.4g} ± {ci95(xs):.2g}"
-
-
 def table(record: dict) -> str:
+    from benchmarks.run import mean_ci_text
     lines = ["| task | lr | deep-ns test loss | torch Muon test loss | deep-ns steps to target | torch Muon steps to target |",
              "|---|---|---|---|---|---|"]
     for task, r in record["tasks"].items():
         d, m = r["deep-ns"], r["muon"]
         per_seed = lambda xs: " / ".join("—" if x is None else str(x) for x in xs)  # noqa: E731
-        lines.append(f"| {task} | {m['lr']:.3g} | {_mean_ci(d['final_test_loss'])} | {_mean_ci(m['final_test_loss'])} | "
+        loss = [mean_ci_text(r["final_test_loss"]) or "diverged" for r in (d, m)]
+        lines.append(f"| {task} | {m['lr']:.3g} | {loss[0]} | {loss[1]} | "
                      f"{per_seed(d['steps_to_target_per_seed'])} | {per_seed(m['steps_to_target_per_seed'])} |")
     return "\n".join(lines)
 

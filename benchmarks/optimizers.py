@@ -17,8 +17,8 @@ Names:
                  confirming run at adamw's best LR (must equal torch AdamW exactly)
     delta        deepopt.DeltaMomentum, momentum 0.9, delta 0.5, keys="matrix" (the defaults)
     delta-spectral  the same with keys="spectral" (keys over sigma_1: the comparison the Frobenius keys need)
-    deep         deepopt.DeepMomentum, momentum 0.9, defaults (MLP memory, dot objective,
-                 identity output; memory_lr 1 since the memory redesign)
+    deep         deepopt.DeepMomentum, momentum 0.9, defaults (MLP memory, l2 objective,
+                 identity output)
     deep-ns      deepopt.DeepMomentum(output="newton_schulz", momentum=dampening=0.95, Nesterov,
                  adjust_lr="original") on the matrices + AdamW (aux_lr) for the rest
     m3           deepopt.M3 (defaults) on M3.matrix_groups(model), AdamW (aux_lr) for the rest

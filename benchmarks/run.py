@@ -238,6 +238,14 @@ def ci95(xs) -> float | None:
     return T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
 
 
+def mean_ci_text(xs, fmt: str = "{:.4g} ± {:.2g}") -> str | None:
+    """``mean ± 95% half-width`` of ``xs`` as text (``fmt`` takes the two), or None where an
+    entry is None or not finite (a seed that never reached a target, or diverged)."""
+    if any(x is None or not math.isfinite(x) for x in xs):
+        return None
+    return fmt.format(sum(xs) / len(xs), ci95(xs) or 0.0)
+
+
 def final_test_loss(rec: dict) -> float:
     """The reported final test loss of a run: on the whole test split where the task scores so
     (Shakespeare's held-out play), else the curve's last point; +inf if diverged."""

@@ -239,6 +239,8 @@ def _generated_tables():
         "distributed deviations": ("docs/distributed.md", distributed_deviation.table(
             _json("benchmarks/results/distributed_deviation.json"))),
         "deep memory ablation": ("docs/optimizers.md", deep_memory.table(_json("benchmarks/results/deep_memory.json"))),
+        "deep memory ablation (README)": ("README.md", deep_memory.table(_json("benchmarks/results/deep_memory.json"),
+                                                                         deep_memory.README_ROWS)),
         "benchmark summary": ("docs/benchmarks.md", report.summary_table(_json("benchmarks/results/results.json"))),
         "step cost": ("docs/benchmarks.md", step_cost.table(_json("benchmarks/results/step_cost.json"))),
         "matched-lr control": ("docs/benchmarks.md", matched_lr.table(_json("benchmarks/results/matched_lr.json"))),
@@ -249,6 +251,7 @@ def _generated_tables():
 
 
 @pytest.mark.parametrize("name", ["numerics: ns_dtype", "distributed deviations", "deep memory ablation",
+                                  "deep memory ablation (README)",
                                   "benchmark summary", "step cost", "matched-lr control", "hope ablations", "hope continual",
                                   "hope long context"])
 def test_docs_tables_are_the_result_files(name):

@@ -309,6 +309,8 @@ def m3_oracle(shapes, *, lr, momentum, slow_momentum, beta2, slow_weight, chunk,
 M3_CASES = {
     "preconditioned": dict(lr=0.02, momentum=0.9, slow_momentum=0.5, beta2=0.9, slow_weight=1.0, chunk=3, eps=0.01,
                            precondition=True, ns_dtype="float32"),
+    "preconditioner-only": dict(lr=0.02, momentum=0.9, slow_momentum=0.5, beta2=0.9, slow_weight=0.0, chunk=3,
+                                eps=0.01, precondition=True, ns_dtype="float32"),
     "slow-memory-only": dict(lr=0.02, momentum=0.9, slow_momentum=0.5, beta2=0.9, slow_weight=2.0, chunk=3,
                              eps=0.01, precondition=False, weight_decay=0.1, nesterov=True),
     "preconditioned-bf16": dict(lr=0.02, momentum=0.9, slow_momentum=0.5, beta2=0.9, slow_weight=1.0, chunk=3,

@@ -79,12 +79,13 @@ def test_delta_momentum_with_zero_delta_is_associative_momentum(shapes, dtype, l
 
 
 @given(shapes=shapes, dtype=dtypes, lr=rates, momentum=moms, wd=wds, nesterov=st.booleans(),
-       maximize=st.booleans(), fe=foreach, hidden=st.integers(1, 8))
-def test_deep_momentum_frozen_dot_identity_is_sgd(shapes, dtype, lr, momentum, wd, nesterov, maximize, fe, hidden):
+       maximize=st.booleans(), fe=foreach, hidden=st.integers(1, 8), objective=st.sampled_from(["l2", "dot"]))
+def test_deep_momentum_frozen_identity_is_sgd(shapes, dtype, lr, momentum, wd, nesterov, maximize, fe, hidden,
+                                              objective):
     momentum = max(momentum, 0.1) if nesterov else momentum
     kw = dict(lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov, maximize=maximize, foreach=fe)
     a, b, *_ = run_side_by_side(
-        lambda p: deepopt.DeepMomentum(p, dampening=0.0, memory_lr=0.0, objective="dot", output="identity",
+        lambda p: deepopt.DeepMomentum(p, dampening=0.0, memory_lr=0.0, objective=objective, output="identity",
                                        hidden=hidden, **kw, **state_kw(dtype)),
         lambda p: torch.optim.SGD(p, **kw), shapes, dtype=dtype, scheduler=step_lr)
     assert_equal_params(a, b)

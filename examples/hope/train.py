@@ -66,7 +66,7 @@ def make_optimizer(name: str, model, lr: float, weight_decay: float = 0.0):
     import deepopt
     import torch
     if name == "m3":
-        # AdamW group for embeddings/head/norms: its own lr (M3's lr is on a 1/|g| scale)
+        # AdamW group for embeddings/head/norms: its own lr (AdamW's scale, not Muon's)
         base = deepopt.M3.matrix_groups(model, lr=DEFAULT_LR["adamw"])
         # memory initial states (3-D/4-D) and conv filters are not weight matrices: AdamW too
         odd = [p for p in base[0]["params"] if p.ndim != 2]
