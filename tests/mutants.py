@@ -1,7 +1,7 @@
 """Mutation testing: delete or neutralise each term of each update rule, in each implementation,
 and check that the fast test subset fails (the mutant is "killed").
 
-    python tests/mutants.py                 # all mutants, ~30 s each on 2 cores
+    python tests/mutants.py                 # all mutants, 5-45 s each on 2 cores (9 min)
     python tests/mutants.py --list          # the mutants, numbered
     python tests/mutants.py 3 7             # some of them
 
