@@ -5,7 +5,8 @@ benchmark task, seeds 0..9, lr 0.1 unless the design says otherwise) and record,
 and for each weight matrix, the MLP's share ``||rho f(K)|| / ||M||`` (``M`` the linear memory
 after its write; with ``linear_memory=False`` the update is ``rho f(K)`` alone, and the share
 is measured against the ``M`` that momentum would have kept), the cosine of ``rho f(K)`` with
-the gradient, and the final validation loss. The designs and the chosen default are in
+the gradient, ``||G|| / ||M||`` (the share a perfect recall of the gradient would have), and the
+final validation loss. The designs and the chosen default are in
 docs/optimizers.md ("DeepMomentum: does the memory matter?").
 
     python -m benchmarks.deep_memory --out benchmarks/results/deep_memory.json
@@ -69,7 +70,8 @@ def memory_readings(opt, model) -> dict:
         deep = scale * Fn.mlp_memory(keys, state["mlp_in"], state["mlp_out"])
         linear = Fn.as_matrix(state["momentum_buffer"])
         cos = torch.nn.functional.cosine_similarity(deep.flatten(), g.flatten(), dim=0)
-        out[name] = dict(share=(deep.norm() / linear.norm().clamp_min(1e-30)).item(), cos_with_grad=cos.item())
+        out[name] = dict(share=(deep.norm() / linear.norm().clamp_min(1e-30)).item(), cos_with_grad=cos.item(),
+                         grad_over_memory=(g.norm() / linear.norm().clamp_min(1e-30)).item())
     return out
 
 
@@ -108,9 +110,8 @@ def summary(record: dict) -> dict:
     rows = {}
     for step in record["readings"][0]:
         per_seed = [readings.get(step, {}) for readings in record["readings"]]
-        shares = [r["share"] for per_param in per_seed for r in per_param.values()]
-        coss = [r["cos_with_grad"] for per_param in per_seed for r in per_param.values()]
-        rows[int(step)] = dict(share=float(np.mean(shares)), cos_with_grad=float(np.mean(coss)))
+        rows[int(step)] = {key: float(np.mean([r[key] for per_param in per_seed for r in per_param.values()]))
+                           for key in ("share", "cos_with_grad", "grad_over_memory")}
     return rows
 
 
@@ -130,8 +131,8 @@ README_ROWS = ("SGD-momentum (memory_lr 0)", "l2, memory_lr 2, decay 0.01, A ~ N
 def table(results: dict, rows=None) -> str:
     """The ablation table of docs/optimizers.md (``rows``: only those designs, as README) from the
     JSON this script writes."""
-    lines = ["| design (lr 0.1 unless noted) | share at step 100 / 600 | cos(rho f, G) at 100 | val loss after 600 |",
-             "|---|---|---|---|"]
+    lines = ["| design (lr 0.1 unless noted) | share at step 100 / 600 | cos(rho f, G) at 100 | ‖G‖/‖M‖ at 100 | val loss after 600 |",
+             "|---|---|---|---|---|"]
     for name, record in results.items():
         if rows is not None and name not in rows:
             continue
@@ -141,7 +142,7 @@ def table(results: dict, rows=None) -> str:
             value = summ.get(step, {}).get(key)
             return "diverged" if value is None or value != value else f"{value:.3g}"
         lines.append(f"| {name} | {cell(100, 'share')} / {cell(600, 'share')} | {cell(100, 'cos_with_grad')} | "
-                     f"{_mean_ci(record['val_loss'])} |")
+                     f"{cell(100, 'grad_over_memory')} | {_mean_ci(record['val_loss'])} |")
     return "\n".join(lines)
 
 

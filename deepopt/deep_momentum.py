@@ -33,8 +33,8 @@ is the same at every gradient scale.
 How much the MLP carries (``benchmarks/deep_memory.py``, docs/optimizers.md): at these defaults
 its part of the update, ``||s f(K)|| / ||M||``, is 0.35 after 100 steps on the benchmark MLP
 (mean of 10 seeds, 0.24..0.59), and its read-out is close to the current gradient (cosine
-0.78): the MLP recalls ``G`` through a learned rank-``h`` nonlinear map, so with momentum 0.9
-(``||M|| ~ 3 ||G||``) the share is near its ceiling. It trains as SGD-momentum does (validation
+0.78): the MLP recalls ``G`` through a learned rank-``h`` nonlinear map, and the share is near
+its ceiling, ``||G|| / ||M||`` (0.54 there, with momentum 0.9). It trains as SGD-momentum does (validation
 loss within the seed noise), neither better nor worse.
 
 Exact reductions (any objective: with ``memory_lr=0``, ``B`` stays 0): ``memory_lr=0, output="identity", dampening=0`` is
@@ -180,7 +180,7 @@ class DeepMomentum(DeepOptimizer):
         memory_lr: inner rate ``eta_m`` >= 0 (0 freezes the MLP), normalised by
             ``1 + mean_i ||h_i||^2``: the l2 step on ``B`` is stable for ``eta_m <= 2`` (the
             default 2 gave the MLP a third of the update on the benchmark MLP). The dot objective
-            is unbounded below: at rate 1 its MLP outgrew the momentum 7-fold by step 100 and
+            is unbounded below: at rate 1 its MLP outgrew the momentum 9.5-fold by step 100 and
             the run trained worse (benchmarks/results/deep_memory.json); use ~0.01 there.
         memory_decay: inner weight decay ``lambda_m`` >= 0 (``memory_lr * memory_decay <= 1``).
         memory_init: std of ``A``'s entries, > 0 (default 1), or ``None`` for ``1/sqrt(d)``.
