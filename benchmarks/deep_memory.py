@@ -5,8 +5,9 @@ benchmark task, seeds 0..9, lr 0.1 unless the design says otherwise) and record,
 and for each weight matrix, the MLP's share ``||rho f(K)|| / ||M||`` (``M`` the linear memory
 after its write; with ``linear_memory=False`` the update is ``rho f(K)`` alone, and the share
 is measured against the ``M`` that momentum would have kept), the cosine of ``rho f(K)`` with
-the gradient, ``||G|| / ||M||`` (the share a perfect recall of the gradient would have), and the
-final validation loss. The designs and the chosen default are in
+the gradient, the same share and cosine for the MLP read before its write (what it recalls of the
+gradient from past steps alone, not an echo of this one), ``||G|| / ||M||`` (the share a perfect
+recall of the gradient would have), and the final validation loss. The designs and the chosen default are in
 docs/optimizers.md ("DeepMomentum: does the memory matter?").
 
     python -m benchmarks.deep_memory --out benchmarks/results/deep_memory.json
@@ -44,7 +45,7 @@ DESIGNS = {
     "l2, hidden 64": dict(hidden=64),
     "l2, no linear memory (DMGD)": dict(linear_memory=False),
     "l2, no linear memory (DMGD), lr 1": dict(linear_memory=False, lr=1.0),
-    "dot, memory_lr 1": dict(objective="dot"),
+    "dot, memory_lr 2 (the default rate)": dict(objective="dot"),
     "dot, memory_lr 0.01, decay 0.1, A ~ N(0, 1/d) (the old default)": dict(objective="dot", memory_lr=0.01,
                                                                           memory_decay=0.1, memory_init=None),
     "Muon (memory_lr 0, Muon's options, lr 0.00316)": dict(MUON, memory_lr=0.0),
@@ -54,24 +55,40 @@ SEEDS = tuple(range(10))
 RECORD_AT = (1, 10, 50, 100, 200, 400, 600)
 
 
-def memory_readings(opt, model) -> dict:
-    """Per weight matrix: ||rho f(K)|| / ||M|| and cos(rho f(K), G), from the state after a step."""
+def mlp_readouts(opt, model) -> dict:
+    """Per weight matrix with an MLP state: ``(rho f(K), G)`` for the current gradient, read from
+    the MLP as it is now (call before ``opt.step()`` for the recall from past writes only)."""
     import torch
     from deepopt import functional as Fn
     out = {}
     group = opt.param_groups[0]
     for name, p in model.named_parameters():
-        if p.ndim < 2 or p.grad is None:
+        if p.ndim < 2 or p.grad is None or "mlp_in" not in opt.state[p]:
             continue
         state = opt.state[p]
         g = Fn.as_matrix(p.grad.detach())
         scale = g.square().sum(-1).mean().sqrt()
         keys = Fn.row_keys(g, key_norm=group["key_norm"], eps=group["eps"] * scale + torch.finfo(g.dtype).tiny)
-        deep = scale * Fn.mlp_memory(keys, state["mlp_in"], state["mlp_out"])
-        linear = Fn.as_matrix(state["momentum_buffer"])
-        cos = torch.nn.functional.cosine_similarity(deep.flatten(), g.flatten(), dim=0)
-        out[name] = dict(share=(deep.norm() / linear.norm().clamp_min(1e-30)).item(), cos_with_grad=cos.item(),
-                         grad_over_memory=(g.norm() / linear.norm().clamp_min(1e-30)).item())
+        out[name] = (scale * Fn.mlp_memory(keys, state["mlp_in"], state["mlp_out"]), g)
+    return out
+
+
+def memory_readings(opt, model, before: dict) -> dict:
+    """Per weight matrix, from the state after a step: ``share`` = ||rho f(K)|| / ||M||,
+    ``cos_with_grad`` = cos(rho f(K), G), ``grad_over_memory`` = ||G|| / ||M||, and the same share
+    and cosine for ``before`` (the MLP read before its write: what it recalls of G from the past)."""
+    from deepopt import functional as Fn
+    from torch.nn.functional import cosine_similarity
+
+    def cos(a, b):
+        return cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    out = {}
+    for name, (deep, g) in mlp_readouts(opt, model).items():
+        size = Fn.as_matrix(opt.state[dict(model.named_parameters())[name]]["momentum_buffer"]).norm().clamp_min(1e-30)
+        row = dict(share=(deep.norm() / size).item(), cos_with_grad=cos(deep, g), grad_over_memory=(g.norm() / size).item())
+        if name in before:
+            row.update(share_before_write=(before[name][0].norm() / size).item(), cos_before_write=cos(before[name][0], g))
+        out[name] = row
     return out
 
 
@@ -94,9 +111,10 @@ def run(design: dict, steps: int | None = None, seed: int = 0) -> dict:
         opt.zero_grad()
         loss = task.loss(model, task.sample(step, gen))
         loss.backward()
+        before = mlp_readouts(opt, model) if step in RECORD_AT else {}
         opt.step()
         if step in RECORD_AT:
-            readings[step] = memory_readings(opt, model)
+            readings[step] = memory_readings(opt, model, before)
     model.eval()
     with torch.no_grad():
         val = task.evaluate(model, "val")
@@ -111,7 +129,9 @@ def summary(record: dict) -> dict:
     for step in record["readings"][0]:
         per_seed = [readings.get(step, {}) for readings in record["readings"]]
         rows[int(step)] = {key: float(np.mean([r[key] for per_param in per_seed for r in per_param.values()]))
-                           for key in ("share", "cos_with_grad", "grad_over_memory")}
+                           for key in ("share", "cos_with_grad", "grad_over_memory", "share_before_write",
+                                       "cos_before_write")
+                           if all(key in r for per_param in per_seed for r in per_param.values())}
     return rows
 
 
@@ -119,7 +139,7 @@ def _mean_ci(xs) -> str:
     """``mean ± 95% t-half-width`` over the seeds, or "diverged (k of n)"."""
     from benchmarks.run import mean_ci_text
     bad = sum(1 for x in xs if not math.isfinite(x))
-    return f"diverged ({bad} of {len(xs)})" if bad else mean_ci_text(xs, "{:.4f} ± {:.3f}")
+    return f"diverged ({bad} of {len(xs)})" if bad else mean_ci_text(xs, "{:.4f}", "{:.3f}")
 
 
 #: the rows of README's short version of the table
@@ -131,8 +151,9 @@ README_ROWS = ("SGD-momentum (memory_lr 0)", "l2, memory_lr 2, decay 0.01, A ~ N
 def table(results: dict, rows=None) -> str:
     """The ablation table of docs/optimizers.md (``rows``: only those designs, as README) from the
     JSON this script writes."""
-    lines = ["| design (lr 0.1 unless noted) | share at step 100 / 600 | cos(rho f, G) at 100 | ‖G‖/‖M‖ at 100 | val loss after 600 |",
-             "|---|---|---|---|---|"]
+    lines = ["| design (lr 0.1 unless noted) | share at step 100 / 600 | cos(rho f, G) at 100 | "
+             "before the write: share / cos at 100 | ‖G‖/‖M‖ at 100 | val loss after 600 |",
+             "|---|---|---|---|---|---|"]
     for name, record in results.items():
         if rows is not None and name not in rows:
             continue
@@ -142,6 +163,7 @@ def table(results: dict, rows=None) -> str:
             value = summ.get(step, {}).get(key)
             return "diverged" if value is None or value != value else f"{value:.3g}"
         lines.append(f"| {name} | {cell(100, 'share')} / {cell(600, 'share')} | {cell(100, 'cos_with_grad')} | "
+                     f"{cell(100, 'share_before_write')} / {cell(100, 'cos_before_write')} | "
                      f"{cell(100, 'grad_over_memory')} | {_mean_ci(record['val_loss'])} |")
     return "\n".join(lines)
 

@@ -238,12 +238,13 @@ def ci95(xs) -> float | None:
     return T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
 
 
-def mean_ci_text(xs, fmt: str = "{:.4g} ± {:.2g}") -> str | None:
-    """``mean ± 95% half-width`` of ``xs`` as text (``fmt`` takes the two), or None where an
-    entry is None or not finite (a seed that never reached a target, or diverged)."""
-    if any(x is None or not math.isfinite(x) for x in xs):
+def mean_ci_text(xs, mean_fmt: str = "{:.4g}", ci_fmt: str = "{:.2g}") -> str | None:
+    """``mean ± 95% half-width`` of ``xs`` as text (just the mean for one value), or None where
+    ``xs`` is empty or an entry is None or not finite (a seed that never reached a target, or diverged)."""
+    if not xs or any(x is None or not math.isfinite(x) for x in xs):
         return None
-    return fmt.format(sum(xs) / len(xs), ci95(xs) or 0.0)
+    ci = ci95(xs)
+    return mean_fmt.format(sum(xs) / len(xs)) + ("" if ci is None else " ± " + ci_fmt.format(ci))
 
 
 def final_test_loss(rec: dict) -> float:

@@ -320,13 +320,15 @@ def hyper(device, *values: float) -> Tensor:
 def apply_update_(params, updates, *, lr, lr_scales, weight_decay, amp=None):
     """The last step of the matrix rules (DeepMomentum, M3), one launch:
     ``p <- p (1 - lr wd) - lr * scale_t * X`` over matrices of one device
-    and dtype. ``updates`` (X) share one dtype (bf16 after Newton-Schulz, or the state dtype)."""
+    and dtype. ``updates`` (X) share one dtype (bf16 after Newton-Schulz, or fp32 and wider)."""
     if not params:
         return
     device = params[0].device
     fix = Contiguous()
     ps = [fix(p) for p in params]
     xs = dense(updates)
+    if any(x.dtype != xs[0].dtype for x in xs):   # one X_DT per launch
+        raise ValueError(f"apply_update_: updates of mixed dtypes {sorted({str(x.dtype) for x in xs})}")
     lr_f, lr_t, lr_tensor = lr_args(lr, device)
     scales = [s if lr_tensor else lr_f * s for s in lr_scales]
     _, inf_t, _, has_inf = amp_args(amp, device)

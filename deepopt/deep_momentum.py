@@ -16,8 +16,8 @@ matrix-valued memory with a deep one, trained by its own inner objective. deepop
   recall the gradient from its direction; ``"dot"``: ``-mean_i <f(k_i), g_i / s>`` (momentum's
   objective, unbounded below). The MLP works in units of ``s``, so ``A`` and ``B`` are
   dimensionless and the inner step means the same at any gradient scale; the normalised rate
-  (normalised LMS) keeps the l2 step on ``B`` stable for ``memory_lr <= 2`` at any width or
-  scale of ``A``.
+  (normalised LMS) keeps the l2 step on ``B`` (``A`` held fixed) contracting for ``memory_lr <= 2``
+  at any width or scale of ``A``.
 * the parameter reads the memory after its write: ``W <- W - lr * sigma(readout(M) + s f(K))``
   with ``sigma`` the identity or Newton-Schulz (``output="newton_schulz"``: Eq. 52, which with a
   linear memory is Muon).
@@ -74,7 +74,7 @@ def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_l
     Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, objective=objective, memory_lr=memory_lr,
                         memory_decay=memory_decay)
     deep = Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape)
-    u = u.add(deep, alpha=scale) if linear_memory else deep.mul(scale).to(u.dtype)
+    u = u.add(deep * scale) if linear_memory else deep.mul(scale).to(u.dtype)   # (a tensor alpha would sync)
     if output == "newton_schulz":
         u = Fn.newton_schulz(as_matrix(u), steps=ns_steps,
                              dtype=Fn.resolve_ns_dtype(ns_dtype, p.device)).reshape(p.shape)
@@ -178,9 +178,9 @@ class DeepMomentum(DeepOptimizer):
             ``M.lerp_(G, 1 - a)``; Nesterov needs ``dampening`` 0 or ``momentum``.
         hidden: MLP width ``h`` >= 1.
         memory_lr: inner rate ``eta_m`` >= 0 (0 freezes the MLP), normalised by
-            ``1 + mean_i ||h_i||^2``: the l2 step on ``B`` is stable for ``eta_m <= 2`` (the
+            ``1 + mean_i ||h_i||^2``: the l2 step on ``B`` (``A`` fixed) contracts for ``eta_m <= 2`` (the
             default 2 gave the MLP a third of the update on the benchmark MLP). The dot objective
-            is unbounded below: at rate 1 its MLP outgrew the momentum 9.5-fold by step 100 and
+            is unbounded below: at rate 2 its MLP outgrew the momentum 5.7-fold by step 100 and
             the run trained worse (benchmarks/results/deep_memory.json); use ~0.01 there.
         memory_decay: inner weight decay ``lambda_m`` >= 0 (``memory_lr * memory_decay <= 1``).
         memory_init: std of ``A``'s entries, > 0 (default 1), or ``None`` for ``1/sqrt(d)``.

@@ -336,7 +336,7 @@ def _mlp_memory_grads(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Ten
 
 
 def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, *,
-                     objective: str = "l2", memory_lr: float = 1.0, memory_decay: float = 0.0) -> None:
+                     objective: str = "l2", memory_lr: float = 2.0, memory_decay: float = 0.0) -> None:
     r"""One simultaneous closed-form gradient step of the MLP memory ``f`` on its own inner
     objective, at a normalised rate (the normalised delta rule). With ``r`` rows, ``k_i`` the
     keys, ``g_i`` the targets, ``h_i = silu(A k_i)``:
@@ -348,12 +348,14 @@ def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tens
     ``dA = (E B * silu'(Z))^T K``; then, from the pre-step values,
 
     .. math::
-        (A, B) \leftarrow (1 - \eta\lambda)\Big((A, B) - rac{\eta}{1 + \mathrm{mean}_i \|h_i\|^2}
+        (A, B) \leftarrow (1 - \eta\lambda)\Big((A, B) - \frac{\eta}{1 + \mathrm{mean}_i \|h_i\|^2}
         (dA, dB)\Big)
 
-    The rate is normalised as in normalised LMS: for ``B`` the l2 step is stable for
-    ``memory_lr`` in (0, 2) whatever the width and the scale of ``A`` (``mean ||h||^2`` bounds the
-    curvature), and the dot objective's growth slows as ``h`` grows. No autograd graph is built.
+    The rate is normalised as in normalised LMS: with ``A`` held fixed, the l2 step on ``B``
+    contracts the residual for ``memory_lr <= 2`` whatever the width and the scale of ``A``
+    (``mean ||h||^2`` bounds the curvature); the joint step on ``(A, B)`` has no such bound, and
+    the decay ``1 - memory_lr * memory_decay`` is not normalised. The dot objective's growth slows
+    as ``h`` grows. No autograd graph is built.
     """
     d_in, d_out, norm = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
     shrink = 1 - memory_lr * memory_decay
@@ -362,7 +364,7 @@ def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tens
 
 
 def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, *,
-                    objective: str = "l2", memory_lr: float = 1.0, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
+                    objective: str = "l2", memory_lr: float = 2.0, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
     """Out-of-place :func:`mlp_memory_step_`: returns the new ``(A, B)`` (autograd-safe)."""
     d_in, d_out, norm = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
     shrink = 1 - memory_lr * memory_decay
@@ -434,24 +436,24 @@ def rms(t: Tensor) -> Tensor:
     return t.square().mean(dim=(-2, -1), keepdim=True).sqrt()
 
 
-def scale_free_precondition(u: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
+def scale_free_precondition(u: Tensor, exp_avg_sq: Tensor, eps: float, like: Tensor | None = None) -> Tensor:
     r"""M3's preconditioner without its ``1/|g|`` scale: divide by the second-moment root taken
-    relative to its own RMS, then give the result ``u``'s RMS.
+    relative to its own RMS, then give the result the RMS of ``like`` (default ``u``).
 
     .. math::
         d = \sqrt{S} / \mathrm{rms}(\sqrt{S}), \qquad v = u / (d + \epsilon), \qquad
-        \text{out} = v\, \mathrm{rms}(u) / \mathrm{rms}(v)
+        \text{out} = v\, \mathrm{rms}(\text{like}) / \mathrm{rms}(v)
 
     ``eps`` is relative to the typical ``sqrt(S)``: it caps a coordinate's weight at ``1/eps``
     times the typical one. The output does not depend on the gradient's scale, and scales with
-    ``u`` as Muon's update does. A scalar factor of ``S`` (Adam's bias correction ``1 - beta2^t``)
+    ``like`` as Muon's update does. A scalar factor of ``S`` (Adam's bias correction ``1 - beta2^t``)
     cancels, so none is applied. Matrices ``(..., r, c)``; computed in fp32 or wider.
     """
     d = exp_avg_sq.sqrt()
     tiny = torch.finfo(d.dtype).tiny
     d = d / rms(d).clamp_min(tiny)
     v = u.to(d.dtype) / (d + eps)
-    return v * (rms(u) / rms(v).clamp_min(tiny))
+    return v * (rms(u if like is None else like) / rms(v).clamp_min(tiny))
 
 
 def adjust_lr(lr, mode: str | None, shape) -> float:

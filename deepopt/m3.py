@@ -57,17 +57,18 @@ def _slow_memory_step_(p, state, *, chunk, slow_momentum, ns_steps, ns_dtype) ->
 
 
 def _m3_direction(x, state, *, slow_weight, precondition, eps):
-    """From ``X = NS(readout(M1))`` to M3's update ``U``: add ``alpha O2``, precondition, and give
-    the result X's RMS (Muon's), so the slow memory and the preconditioner set the direction and
-    the lr keeps Muon's meaning."""
+    """From ``X = NS(readout(M1))`` to M3's update: add ``alpha O2``, precondition, and give the
+    result X's RMS (Muon's), so the slow memory and the preconditioner set the direction and the
+    lr keeps Muon's meaning. (A fixed RMS: where ``O1`` and ``alpha O2`` nearly cancel, what is
+    left is scaled up to Muon's step.)"""
     if slow_weight == 0 and not precondition:
         return x
     u = x.add(state["slow_output"], alpha=slow_weight) if slow_weight != 0 else x
     if precondition:
-        u = Fn.scale_free_precondition(as_matrix(u), as_matrix(state["exp_avg_sq"]), eps).reshape(x.shape)
-    if slow_weight != 0:
-        u = u * (Fn.rms(as_matrix(x)) / Fn.rms(as_matrix(u)).clamp_min(torch.finfo(torch.float32).tiny))
-    return u
+        return Fn.scale_free_precondition(as_matrix(u), as_matrix(state["exp_avg_sq"]), eps,
+                                          like=as_matrix(x)).reshape(x.shape)
+    target, now = Fn.rms(as_matrix(x)), Fn.rms(as_matrix(u))
+    return u * (target / now.clamp_min(torch.finfo(now.dtype).tiny))
 
 
 def _m3_update_(p, g, state, *, lr, momentum, nesterov, lerp, slow_momentum, beta2, slow_weight,
@@ -150,7 +151,7 @@ def _fused_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, m
             # (the slow memory and the preconditioner need reductions per matrix: torch ops, as the for-loop path)
             xs.append(_m3_direction(x, state, slow_weight=slow_weight, precondition=precondition, eps=eps))
             scales.append(float(Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape)))
-        # (xs share one dtype: Newton-Schulz's, or the state dtype once the slow memory or S enter)
+        # (xs share one dtype: Newton-Schulz's, or at least fp32 once the slow memory or S enter)
         T.apply_update_(ps, xs, lr=lr, lr_scales=scales, weight_decay=0.0)
 
 

@@ -5,10 +5,12 @@ each novel term has a plain reference: autograd for the MLP memory's inner gradi
 hand-written loops for the rest, all in fp64 and over >= 10 steps. Every implementation a rule
 has (for-loop, foreach, and the Triton kernels under the CPU interpreter) is compared with it:
 
-* DeepMomentum, ``objective="dot"`` and ``"l2"``: the MLP's inner step and decay, its read-out,
-  the linear bypass (or none), Nesterov, coupled weight decay, Newton-Schulz output;
+* DeepMomentum, ``objective="dot"`` and ``"l2"``: the MLP's inner step at its normalised rate and
+  its decay, its read-out, row and tensor keys, the linear bypass (or none), Nesterov, coupled
+  weight decay, Newton-Schulz output, and the defaults on a conv kernel;
 * DeltaMomentum with delta > 0 and ``keys="matrix"``, ``"spectral"``, ``"elementwise"``;
-* M3: the slow memory across >= 2 chunk boundaries and the scale-free preconditioner;
+* M3: the slow memory across >= 2 chunk boundaries, the scale-free preconditioner, and the
+  rescale of the update to Muon's RMS;
 * MultiFrequency at periods 1-4 around a deepopt inner optimizer, ``reduce="sum"`` and ``"mean"``.
 
 Tolerances: fp64 paths 1e-9 relative; the Triton kernels compute in fp32 (fp32 params), 1e-4;
@@ -32,6 +34,7 @@ NS_TOL = dict(rtol=2e-3, atol=2e-3)       # bf16 Newton-Schulz
 NS32_TOL = dict(rtol=1e-4, atol=1e-6)     # fp32 Newton-Schulz
 STEPS = 10
 SHAPES = [(6, 5), (4, 7), (5,)]          # two matrices (rows < and > cols) and a vector
+SHAPES_WITH_CONV = [(6, 5), (3, 2, 2, 2), (5,)]   # ... and a conv kernel, seen as a (3, 8) matrix
 
 
 def _fused_available():
@@ -113,15 +116,16 @@ def momentum_write(m, g, a, d):
 # ----------------------------------------------------------------------------- DeepMomentum
 def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, memory_decay, memory_init,
                          objective, linear_memory=True, nesterov=False, weight_decay=0.0, output="identity",
-                         eps=1e-8, seed=0, ns_dtype="auto"):
+                         eps=1e-8, seed=0, ns_dtype="auto", key_norm="row"):
     params, grads = _data(shapes)
     states = []
     for i, p in enumerate(params):
         state = dict(m=torch.zeros_like(p))
         if p.ndim >= 2:   # the documented init: N(0, memory_init^2) from a generator seeded by (seed, index)
+            cols = math.prod(p.shape[1:])             # (a conv kernel is the matrix (out, in * kh * kw))
             generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + i) % 2 ** 63)
-            a0 = torch.randn(hidden, p.shape[1], generator=generator, dtype=torch.float32) * memory_init
-            state.update(A=a0.double(), B=torch.zeros(p.shape[1], hidden, dtype=torch.float64))
+            a0 = torch.randn(hidden, cols, generator=generator, dtype=torch.float32) * memory_init
+            state.update(A=a0.double(), B=torch.zeros(cols, hidden, dtype=torch.float64))
         states.append(state)
     for gs in grads:
         for p, grad, state in zip(params, gs, states):
@@ -132,9 +136,11 @@ def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, 
             if p.ndim < 2:
                 p -= lr * readout
                 continue
+            g, readout = g.reshape(g.shape[0], -1), readout.reshape(g.shape[0], -1)
             rows = g.shape[0]
             rho = g.square().sum(-1).mean().sqrt()
-            keys = g / (g.norm(dim=-1, keepdim=True) + eps * rho)
+            norms = g.norm(dim=-1, keepdim=True) if key_norm == "row" else g.norm()
+            keys = g / (norms + eps * rho)
             A, B = state["A"].clone().requires_grad_(), state["B"].clone().requires_grad_()
             f = F.silu(keys @ A.T) @ B.T
             if objective == "dot":
@@ -151,11 +157,15 @@ def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, 
             u = readout + deep if linear_memory else deep
             if output == "newton_schulz":
                 u = newton_schulz_ref(u, ns_dtype_on_cpu(ns_dtype))
-            p -= lr * u
+            p -= lr * u.reshape(p.shape)
     return params
 
 
 DEEP_CASES = {
+    "defaults": dict(lr=0.05, momentum=0.9, dampening=0.0, hidden=16, memory_lr=2.0, memory_decay=0.01,
+                     memory_init=1.0, objective="l2"),
+    "tensor-keys": dict(lr=0.05, momentum=0.9, dampening=0.0, hidden=8, memory_lr=1.0, memory_decay=0.1,
+                        memory_init=1.0, objective="l2", key_norm="tensor"),
     "dot": dict(lr=0.05, momentum=0.9, dampening=0.0, hidden=8, memory_lr=0.5, memory_decay=0.2,
                 memory_init=1.0, objective="dot"),
     "dot-nesterov-wd": dict(lr=0.05, momentum=0.8, dampening=0.0, hidden=8, memory_lr=0.5, memory_decay=0.2,
@@ -177,9 +187,10 @@ DEEP_CASES = {
 @pytest.mark.parametrize("case", list(DEEP_CASES))
 def test_deep_momentum_matches_its_oracle(case, implementation):
     kw = DEEP_CASES[case]
-    reference = deep_momentum_oracle(SHAPES, **kw)
-    _moved(reference, SHAPES)
-    ours = _run_optimizer(lambda ps, **f: deepopt.DeepMomentum(ps, **kw, **f), SHAPES, implementation)
+    shapes = SHAPES_WITH_CONV if case == "defaults" else SHAPES
+    reference = deep_momentum_oracle(shapes, **kw)
+    _moved(reference, shapes)
+    ours = _run_optimizer(lambda ps, **f: deepopt.DeepMomentum(ps, **kw, **f), shapes, implementation)
     if kw.get("output") == "newton_schulz":
         tol = ns_tol(kw.get("ns_dtype", "auto"))
     else:

@@ -26,8 +26,8 @@ OPTIMIZERS = {
     "adamw": dict(name="adamw", lr=3e-3),
     "delta": dict(name="delta", lr=0.05),
     "delta_elementwise": dict(name="delta", lr=0.05, keys="elementwise"),
-    "deep": dict(name="deep", lr=0.05, memory_lr=0.01),
-    "deep_l2": dict(name="deep", lr=0.05, objective="l2"),
+    "deep": dict(name="deep", lr=0.05),                                   # the defaults: l2 memory
+    "deep_dot": dict(name="deep", lr=0.05, objective="dot", memory_lr=0.01),
     "deep_ns": dict(name="deep-ns", lr=0.02, adamw_lr=3e-3),
     "m3": dict(name="m3", lr=0.01, adamw_lr=3e-3, chunk=4, precondition=False),
     "m3_preconditioned": dict(name="m3", adamw_lr=3e-3, chunk=4),   # M3 at its defaults
@@ -56,7 +56,7 @@ def test_optimizer_trains(name):
 # the new part of each rule, and the same optimizer with it switched off (its reduction)
 WITHOUT_THE_NEW_PART = {
     "deep": dict(memory_lr=0.0),
-    "deep_l2": dict(memory_lr=0.0),
+    "deep_dot": dict(memory_lr=0.0),
     "delta": dict(delta=0.0),
     "delta_elementwise": dict(delta=0.0),
     "m3_preconditioned": dict(slow_weight=0.0, precondition=False),
