@@ -244,6 +244,8 @@ def _generated_tables():
         "benchmark summary": ("docs/benchmarks.md", report.summary_table(_json("benchmarks/results/results.json"))),
         "step cost": ("docs/benchmarks.md", step_cost.table(_json("benchmarks/results/step_cost.json"))),
         "matched-lr control": ("docs/benchmarks.md", matched_lr.table(_json("benchmarks/results/matched_lr.json"))),
+        "matched-lr control (continual)": ("docs/benchmarks.md",
+                                           matched_lr.continual_table(_json("benchmarks/results/matched_lr.json"))),
         "hope ablations": ("docs/hope.md", hope.table(_json("examples/hope/results/ablations.json"))),
         "hope continual": ("docs/hope.md", hope.continual_table(_json("examples/hope/results/ablations.json"))),
         "hope long context": ("docs/hope.md", hope.long_context_table(_json("examples/hope/results/ablations.json"))),
@@ -252,7 +254,8 @@ def _generated_tables():
 
 @pytest.mark.parametrize("name", ["numerics: ns_dtype", "distributed deviations", "deep memory ablation",
                                   "deep memory ablation (README)",
-                                  "benchmark summary", "step cost", "matched-lr control", "hope ablations", "hope continual",
+                                  "benchmark summary", "step cost", "matched-lr control",
+                                  "matched-lr control (continual)", "hope ablations", "hope continual",
                                   "hope long context"])
 def test_docs_tables_are_the_result_files(name):
     page, table = _generated_tables()[name]
