@@ -8,7 +8,13 @@ Routing, as Muon users do it:
   go, for the Newton-Schulz rules (``"deep-ns"``, ``"m3"``), to an ``algorithm="adamw"`` group
   of the same optimizer; for the other rules they stay with the rule (ndim < 2 params take its
   elementwise path);
-* weight decay applies to params with ndim >= 2 only.
+* weight decay applies to params with ndim >= 2 only, and it is **decoupled** in every recipe
+  by default: ``W <- W (1 - lr * weight_decay)`` before the update, as AdamW and Muon apply it.
+  The class constructors keep torch's semantics (``weight_decay`` adds ``wd * W`` to the gradient,
+  torch SGD's L2 penalty), which behind momentum ``a`` shrinks ``W`` by ``lr * wd / (1 - a)`` per
+  step: at SGD's lr 0.1 and nanoGPT's wd 0.1, 10% per step, 1000 times AdamW's ``lr * wd`` at its
+  lr 1e-3. ``decoupled_weight_decay=False`` asks for the coupled form (not for ``"m3"``, whose rule
+  is decoupled only).
 
 Every group keeps ``lr`` equal to the scheduled lr and carries ``lr_ratio`` (the optimizer
 multiplies it in), so a training loop that writes one lr into every group
@@ -17,6 +23,7 @@ multiplies it in), so a training loop that writes one lr into every group
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -34,12 +41,11 @@ __all__ = ["create_optimizer", "RECIPES", "split_params"]
 #: single AdamW lr does better there; benchmarks/results; tests/test_create.py checks the counts).
 RECIPES: dict[str, tuple[type, float, dict[str, Any], bool]] = {
     "sgd": (AssociativeMomentum, 0.1, dict(momentum=0.9), False),
-    "adamw": (AssociativeMomentum, 1e-2, dict(momentum=0.9, beta2=0.999, preconditioner="adam",
-                                              decoupled_weight_decay=True), False),
+    "adamw": (AssociativeMomentum, 1e-2, dict(momentum=0.9, beta2=0.999, preconditioner="adam"), False),
     "delta": (DeltaMomentum, 0.1, dict(momentum=0.9, delta=0.5), False),
     "deep": (DeepMomentum, 0.1, dict(momentum=0.9), False),
     "deep-ns": (DeepMomentum, 1e-2, dict(momentum=0.95, dampening=0.95, nesterov=True, output="newton_schulz",
-                                         adjust_lr="original", decoupled_weight_decay=True), True),
+                                         adjust_lr="original"), True),
     "m3": (M3, 1e-2, dict(), True),
 }
 #: the AdamW part of the Newton-Schulz recipes
@@ -65,7 +71,7 @@ def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float | None = None, *, weight_decay: float = 0.0,
-                     adamw_lr: float | None = None, periods: dict[str, int] | None = None,
+                     decoupled_weight_decay: bool = True, adamw_lr: float | None = None, periods: dict[str, int] | None = None,
                      reduce: str = "mean", **options):
     """Build the optimizer ``name`` for ``model``, routed as the module docstring says.
 
@@ -75,7 +81,12 @@ def create_optimizer(model: nn.Module, name: str, lr: float | None = None, *, we
             ``"deep-ns"``, ``"m3"``), or ``"multifreq:<name>"`` for the same recipe inside
             :class:`~deepopt.MultiFrequency` with ``periods``.
         lr: the rule's lr (default: the recipe's recommended lr), > 0.
-        weight_decay: applied to params with ndim >= 2 only.
+        weight_decay: >= 0, applied to params with ndim >= 2 only.
+        decoupled_weight_decay: ``True`` (default, every recipe): ``W <- W (1 - lr * weight_decay)``
+            before the update, as AdamW and Muon; ``False``: torch SGD's coupled L2 penalty
+            (``G + weight_decay * W``, which momentum amplifies by ``1 / (1 - momentum)``). The
+            AdamW groups of ``"deep-ns"`` / ``"m3"`` are decoupled either way; ``"m3"`` has no
+            coupled form.
         adamw_lr: lr of the AdamW group of ``"deep-ns"`` / ``"m3"`` (default 1e-3), kept as a
             ratio to ``lr`` so one schedule drives both.
         periods: ``{regex on the param name: update_every}`` (``"multifreq:..."`` only).
@@ -87,6 +98,8 @@ def create_optimizer(model: nn.Module, name: str, lr: float | None = None, *, we
         One optimizer (a :class:`~deepopt.MultiFrequency` for ``"multifreq:..."``), so
         GradScaler, checkpoints and LR schedulers see one object.
     """
+    if not isinstance(name, str):
+        raise ValueError(f"Invalid optimizer name: {name!r} (name must be a str, one of {list(RECIPES)})")
     multifrequency = name.startswith("multifreq:")
     base = name.split(":", 1)[1] if multifrequency else name
     if base not in RECIPES:
@@ -98,8 +111,16 @@ def create_optimizer(model: nn.Module, name: str, lr: float | None = None, *, we
         raise ValueError(f"name={name!r} needs periods={{regex on param names: update_every}}")
     cls, recommended_lr, recipe, rest_to_adamw = RECIPES[base]
     lr = recommended_lr if lr is None else lr
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise ValueError(f"Invalid learning rate: {lr} (lr must be > 0 in create_optimizer)")
+    _check_positive("lr", lr)
+    if adamw_lr is not None:
+        _check_positive("adamw_lr", adamw_lr)
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (weight_decay must be a finite number >= 0)")
+    if not isinstance(decoupled_weight_decay, bool):
+        raise ValueError(f"Invalid decoupled_weight_decay value: {decoupled_weight_decay!r} (must be True or False)")
+    if cls is M3 and not decoupled_weight_decay:
+        raise ValueError("decoupled_weight_decay=False is not available for 'm3' (its weight decay is decoupled only)")
+    decoupling = {} if cls is M3 else dict(decoupled_weight_decay=decoupled_weight_decay)   # (M3's is fixed)
     adamw = {k: options.pop(f"adamw_{k}") for k in ("momentum", "beta2", "eps") if f"adamw_{k}" in options}
     adamw = {**ADAMW_DEFAULTS, **adamw, "lr": ADAMW_DEFAULTS["lr"] if adamw_lr is None else adamw_lr}
 
@@ -122,8 +143,14 @@ def create_optimizer(model: nn.Module, name: str, lr: float | None = None, *, we
         groups.append({"params": rest, "weight_decay": 0.0})
     if multifrequency:
         groups = _split_by_period(groups, periods)
-    optimizer = cls(groups, lr=lr, **{**recipe, **options})
+    optimizer = cls(groups, lr=lr, **{**recipe, **decoupling, **options})
     return MultiFrequency(optimizer, reduce=reduce) if multifrequency else optimizer
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        what = "learning rate" if name == "lr" else f"{name} value"   # (torch's words for lr)
+        raise ValueError(f"Invalid {what}: {value!r} ({name} must be a finite number > 0 in create_optimizer)")
 
 
 def _split_by_period(groups: list[dict], periods: dict[str, int]) -> list[dict]:

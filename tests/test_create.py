@@ -127,9 +127,54 @@ def test_multifrequency_recipe_splits_groups_by_period():
     assert torch.equal(model.hidden.weight, before)   # its first step is the 4th
 
 
+def _hidden_after_zero_grad_steps(name, steps=3, **kwargs):
+    """``hidden.weight`` before and after ``steps`` steps on zero gradients (only weight decay moves it)."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = deepopt.create_optimizer(model, name, lr=0.05, weight_decay=0.1, **kwargs)
+    before = model.hidden.weight.detach().clone()
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    return before, model.hidden.weight.detach()
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_weight_decay_is_decoupled_in_every_recipe(name):
+    # W <- W (1 - lr wd) per step, as AdamW and Muon, whatever the rule (the AdamW habit is safe)
+    before, after = _hidden_after_zero_grad_steps(name)
+    torch.testing.assert_close(after, before * (1 - 0.05 * 0.1) ** 3, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "delta", "deep"])
+def test_coupled_weight_decay_on_request_is_torch_sgds_l2_penalty(name):
+    # coupled: G = wd W enters the momentum, which amplifies it (torch SGD's semantics)
+    before, after = _hidden_after_zero_grad_steps(name, decoupled_weight_decay=False)
+    torch.manual_seed(0)
+    model = TinyLM()
+    with torch.no_grad():
+        model.hidden.weight.copy_(before)
+    ref = torch.optim.SGD([model.hidden.weight], lr=0.05, momentum=0.9, weight_decay=0.1)
+    for _ in range(3):
+        model.hidden.weight.grad = torch.zeros_like(model.hidden.weight)
+        ref.step()
+    if name == "sgd":   # (delta forgets along G = wd W, deep's MLP recalls it: not SGD)
+        torch.testing.assert_close(after, model.hidden.weight.detach(), rtol=1e-6, atol=1e-7)
+    assert after.norm() < 0.99 * (before * (1 - 0.05 * 0.1) ** 3).norm()   # momentum amplified the decay
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: deepopt.create_optimizer(m, "lion"), r"Invalid optimizer name: 'lion' \(name must be one of"),
     (lambda m: deepopt.create_optimizer(m, "m3", lr=0.0), r"Invalid learning rate: 0.0"),
+    (lambda m: deepopt.create_optimizer(m, "sgd", lr=float("inf")), r"Invalid learning rate: inf \(lr must be a finite number > 0"),
+    (lambda m: deepopt.create_optimizer(m, "m3", adamw_lr=-1e-3), r"Invalid adamw_lr value: -0.001 \(adamw_lr must be"),
+    (lambda m: deepopt.create_optimizer(m, "sgd", weight_decay=-0.1), r"Invalid weight_decay value: -0.1 \(weight_decay must be a finite number >= 0\)"),
+    (lambda m: deepopt.create_optimizer(m, "sgd", weight_decay=float("nan")), r"Invalid weight_decay value: nan"),
+    (lambda m: deepopt.create_optimizer(m, "sgd", weight_decay="0.1"), r"Invalid weight_decay value: '0.1'"),
+    (lambda m: deepopt.create_optimizer(m, "sgd", decoupled_weight_decay=1), r"Invalid decoupled_weight_decay value: 1"),
+    (lambda m: deepopt.create_optimizer(m, "m3", decoupled_weight_decay=False), r"decoupled_weight_decay=False is not available for 'm3'"),
+    (lambda m: deepopt.create_optimizer(m, None), r"Invalid optimizer name: None \(name must be a str"),
     (lambda m: deepopt.create_optimizer(m, "m3", periods={"x": 2}), "periods is for 'multifreq:m3'"),
     (lambda m: deepopt.create_optimizer(m, "multifreq:m3"), "needs periods"),
 ])
