@@ -113,10 +113,10 @@ def build_deep(model, lr, seed=0, **kw):
 
 # Newton-Schulz in bf16 as torch Muon runs it, on CPU too (ns_dtype's CPU default is fp32): the
 # committed curves were made so, and the comparison with torch Muon keeps one precision.
-def build_deep_ns(model, lr, aux_lr, seed=0, **kw):
+def build_deep_ns(model, lr, aux_lr, seed=0, options=None, **kw):
     # one optimizer: DeepMomentum on the hidden matrices, an AdamW group (torch AdamW's betas) for the rest
     return deepopt.create_optimizer(model, "deep-ns", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, seed=seed,
-                                    ns_dtype="bfloat16")
+                                    ns_dtype="bfloat16", **(options or {}))
 
 
 def build_m3(model, lr, aux_lr, **kw):
@@ -175,13 +175,51 @@ GRID_OVERRIDES = {
     ("noisy_quadratic", "delta"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "delta-spectral"): log_grid(-1.5, 0.5),
     ("noisy_quadratic", "deep"): log_grid(-1.5, 0.5),
+    # the char-level GPT: 4 points per optimizer (benchmarks/char_gpt.py), edge extension as ever
+    **{("char_gpt", o): log_grid(-1.5, 0) for o in ("sgd", "delta", "deep")},
+    ("char_gpt", "adamw"): log_grid(-3, -1.5),
+    **{("char_gpt", o): log_grid(-2, -0.5) for o in ("muon", "deep-ns")},
+    ("char_gpt", "m3"): log_grid(-2.5, -1),
 }
 
 QUICK_GRID_SIZE = 3
 
 
+def _ablation(**options):
+    """deep-ns with some MLP-memory options changed (the char-GPT ablations)."""
+    return dict(build=lambda model, lr, aux_lr, seed=0, **kw: build_deep_ns(model, lr, aux_lr, seed, options),
+                grid=MUON_GRID, aux=True, deepopt=True, options=options)
+
+
+def _weight_decay(recipe, decoupled):
+    """``create_optimizer(model, recipe, weight_decay=0.1, decoupled_weight_decay=...)``: nanoGPT's
+    weight decay, as a user brings it from AdamW."""
+    def build_recipe(model, lr, seed=0, **kw):
+        seeded = dict(seed=seed) if recipe == "deep" else {}
+        return deepopt.create_optimizer(model, recipe, lr=lr, weight_decay=WEIGHT_DECAY,
+                                        decoupled_weight_decay=decoupled, **seeded)
+    return dict(build=build_recipe, grid=SGD_GRID, deepopt=True, recipe=recipe, decoupled=decoupled)
+
+
+WEIGHT_DECAY = 0.1
+#: not in the main suite: the deep-ns ablations and the weight-decay study of benchmarks/char_gpt.py
+VARIANTS = {
+    "deep-ns-mlr0": _ablation(memory_lr=0.0),
+    "deep-ns-mlr2": _ablation(memory_lr=2.0),
+    "deep-ns-dot": _ablation(objective="dot", memory_lr=0.01),
+    "deep-ns-h64": _ablation(hidden=64),
+    **{f"{recipe}-wd{'-coupled' if not decoupled else ''}": _weight_decay(recipe, decoupled)
+       for recipe in ("sgd", "delta", "deep") for decoupled in (True, False)},
+}
+
+
+def spec(opt: str) -> dict:
+    """The entry of ``opt`` in :data:`OPTIMIZERS` or :data:`VARIANTS`."""
+    return OPTIMIZERS[opt] if opt in OPTIMIZERS else VARIANTS[opt]
+
+
 def grid_for(task: str, opt: str, quick: bool = False) -> list[float] | None:
-    grid = GRID_OVERRIDES.get((task, opt), OPTIMIZERS[opt]["grid"])
+    grid = GRID_OVERRIDES.get((task, opt), spec(opt)["grid"])
     if grid is None:
         return None
     if quick:   # the middle values
@@ -195,8 +233,8 @@ def applicable(task, opt: str) -> bool:
     2-D hidden matrix (``task.muon``); the rest run everywhere."""
     if opt == "muon" and not task.muon:
         return False
-    return not OPTIMIZERS[opt].get("mf") or task.mf_periods is not None
+    return not spec(opt).get("mf") or task.mf_periods is not None
 
 
 def build(opt: str, model, lr: float, *, aux_lr: float | None = None, seed: int = 0, mf_periods=None):
-    return OPTIMIZERS[opt]["build"](model, lr, aux_lr=aux_lr, seed=seed, mf_periods=mf_periods)
+    return spec(opt)["build"](model, lr, aux_lr=aux_lr, seed=seed, mf_periods=mf_periods)

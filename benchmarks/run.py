@@ -61,10 +61,10 @@ _TASK_CACHE = {}
 
 
 def _get_task(name, quick):
-    from benchmarks.tasks import TASKS
+    from benchmarks.tasks import EXTRA_TASKS, TASKS
     key = (name, quick)
     if key not in _TASK_CACHE:
-        _TASK_CACHE[key] = TASKS[name](quick=quick)   # builds data (mnist1d reseeds globals here)
+        _TASK_CACHE[key] = {**TASKS, **EXTRA_TASKS}[name](quick=quick)   # builds data (mnist1d reseeds globals here)
     return _TASK_CACHE[key]
 
 
@@ -200,7 +200,7 @@ def sweep(pairs, out, n_jobs, quick, aux, log, seed):
             for lr in g:
                 if lr not in results[(t, o)]:
                     jobs.append(dict(task=t, optimizer=o, lr=lr, seed=seed, aux_lr=aux.get(t) if
-                                     O.OPTIMIZERS[o].get("aux") else None))
+                                     O.spec(o).get("aux") else None))
         if not jobs:
             return results
         for r in run_jobs(jobs, out, n_jobs, quick, log):
@@ -217,6 +217,31 @@ def sweep(pairs, out, n_jobs, quick, aux, log, seed):
             elif b == g[-1] and ext[(t, o)][1] < MAX_EXTENSIONS and not quick:
                 g.append(float(f"{g[-1] * step:.3g}"))
                 ext[(t, o)][1] += 1
+
+
+def tune(tasks: dict, optimizers, out, n_jobs, quick, log, seed):
+    """The LR sweeps of ``optimizers`` on ``tasks`` (``{name: Task class}``), AdamW's first (its
+    best LR is the AdamW lr of the optimizers that route the rest to AdamW, ``aux``); returns
+    ``(sweeps {(task, opt): {lr: record}}, aux {task: lr}, best {(task, opt): lr})``."""
+    import torch
+    from benchmarks import optimizers as O
+    swept = [o for o in optimizers if O.spec(o)["grid"] is not None]
+    first = [o for o in swept if not O.spec(o).get("aux")]
+    second = [o for o in swept if O.spec(o).get("aux")]
+    if not hasattr(torch.optim, "Muon") and "muon" in second:
+        log("torch.optim.Muon is missing in this torch: skipping 'muon'")
+        second.remove("muon")
+
+    def pairs(opts):
+        return [(t, o) for t in tasks for o in opts if O.applicable(tasks[t], o)]
+
+    log(f"== sweep 1/2: {', '.join(first)}")
+    sw = sweep(pairs(first), out, n_jobs, quick, {}, log, seed)
+    aux = {t: best_lr(list(sw[(t, "adamw")].values())) for t in tasks}
+    if second:
+        log(f"== sweep 2/2: {', '.join(second)} (AdamW's best LR for their non-matrix params: {aux})")
+        sw.update(sweep(pairs(second), out, n_jobs, quick, aux, log, seed))
+    return sw, aux, {k: best_lr(list(v.values())) for k, v in sw.items()}
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -238,6 +263,51 @@ def ci95(xs) -> float | None:
     return T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
 
 
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function ``I_x(a, b)`` (Lentz's continued fraction)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):   # the fraction converges fast below the mean only
+        return 1 - _betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + num * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1 - c * d) < 1e-14:
+            break
+    return front * (f - 1)
+
+
+def student_t_cdf(t: float, df: int) -> float:
+    """``P(T <= t)`` for Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return tail if t < 0 else 1 - tail
+
+
+def paired_t_test(xs, ys) -> dict | None:
+    """One-sided paired t-test of ``mean(xs - ys) < 0`` (``xs`` lower, e.g. a loss, on the same
+    seeds): ``{"mean_diff", "ci", "t", "p"}``, or None with fewer than 2 finite pairs."""
+    diffs = [x - y for x, y in zip(xs, ys) if x is not None and y is not None and math.isfinite(x - y)]
+    if len(diffs) < 2 or len(diffs) != len(xs):
+        return None
+    mean, sd = _mean_std(diffs)
+    if sd == 0:
+        return dict(mean_diff=mean, ci=0.0, t=-math.inf if mean < 0 else math.inf, p=0.0 if mean < 0 else 1.0)
+    t = mean / (sd / math.sqrt(len(diffs)))
+    return dict(mean_diff=mean, ci=ci95(diffs), t=t, p=student_t_cdf(t, len(diffs) - 1))
+
+
 def mean_ci_text(xs, mean_fmt: str = "{:.4g}", ci_fmt: str = "{:.2g}") -> str | None:
     """``mean ± 95% half-width`` of ``xs`` as text (just the mean for one value), or None where
     ``xs`` is empty or an entry is None or not finite (a seed that never reached a target, or diverged)."""
@@ -253,6 +323,40 @@ def final_test_loss(rec: dict) -> float:
     if rec.get("diverged") or rec.get("curve") is None:
         return math.inf
     return rec.get("final_test_loss_whole", rec["curve"]["test_loss"][-1])
+
+
+def seed_summary(recs: list[dict], target: float | None = None) -> dict:
+    """Runs of one optimizer at one lr on several seeds: the per-seed final validation / test
+    losses (inf: diverged) and test accuracies, their mean ± 95% interval, the steps to ``target``
+    on the validation curve, the median step time and the seed-mean validation curve."""
+    import numpy as np
+    val = [final_value(r, "val") for r in recs]
+    test = [final_test_loss(r) for r in recs]
+    out = dict(lr=recs[0]["lr"], aux_lr=recs[0].get("aux_lr"), seeds=[r["seed"] for r in recs], val_loss=val,
+               test_loss=test, val_mean=float(np.mean(val)), val_ci=ci95(val), test_mean=float(np.mean(test)),
+               test_ci=ci95(test), diverged=sum(bool(r.get("diverged")) for r in recs),
+               step_time_ms=float(np.median([r["step_time"] for r in recs if r.get("step_time")]) * 1e3)
+               if any(r.get("step_time") for r in recs) else None)
+    if all(r.get("curve") and "test_acc" in r["curve"] for r in recs):
+        out["test_acc"] = [r["curve"]["test_acc"][-1] if not r.get("diverged") else float("nan") for r in recs]
+        out["test_acc_mean"], out["test_acc_ci"] = float(np.mean(out["test_acc"])), ci95(out["test_acc"])
+    curves = [r["curve"] for r in recs if r.get("curve") and not r.get("diverged")]
+    if curves and len(curves) == len(recs):
+        out["curve"] = dict(step=curves[0]["step"], val_loss_mean=np.mean([c["val_loss"] for c in curves], 0).tolist())
+    if target is not None:
+        out["steps_to_target"] = [next((s for s, v in zip(r["curve"]["step"], r["curve"]["val_loss"]) if v <= target), None)
+                                  if r.get("curve") and not r.get("diverged") else None for r in recs]
+    return out
+
+
+def paired_comparison(entry: dict, reference: dict, keys=("val_loss", "test_loss")) -> dict:
+    """One-sided paired t-tests of ``entry`` below ``reference`` (two :func:`seed_summary`) on their
+    shared seeds, per key (for an accuracy, pass its negation or read ``p`` as "lower")."""
+    seeds = [s for s in entry["seeds"] if s in reference["seeds"]]
+
+    def on(e, key):
+        return [e[key][e["seeds"].index(s)] for s in seeds]
+    return {key: paired_t_test(on(entry, key), on(reference, key)) for key in keys}
 
 
 def _stack(recs, key):
@@ -401,6 +505,17 @@ def parse_args(argv=None):
     return a
 
 
+def study_parser(doc: str, default_out: Path, result_file: str):
+    """The command line of the studies built on this protocol (benchmarks/char_gpt.py,
+    benchmarks/robustness.py): ``--out``, ``--quick``, ``--jobs``, ``--table``."""
+    ap = cli.parser(doc.split("\n")[0])
+    ap.add_argument("--out", default=str(default_out), help="output dir (runs are cached there)")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets, 3-point grids, 2 seeds (smoke test)")
+    ap.add_argument("--jobs", type=cli.positive_int, default=2, help="runs in parallel (one thread each)")
+    ap.add_argument("--table", action="store_true", help=f"print the table from <out>/{result_file} and exit")
+    return ap
+
+
 def machine() -> str:
     import torch
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch "
@@ -417,23 +532,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     log = lambda *s: print(*s, flush=True)   # noqa: E731
     tasks = {t: TASKS[t] for t in a.tasks}
-    swept = [o for o in a.optimizers if O.OPTIMIZERS[o]["grid"] is not None]
-    first = [o for o in swept if not O.OPTIMIZERS[o].get("aux")]
-    second = [o for o in swept if O.OPTIMIZERS[o].get("aux")]
-    if not hasattr(torch.optim, "Muon") and "muon" in second:
-        log("torch.optim.Muon is missing in this torch: skipping 'muon'")
-        second.remove("muon")
-
-    def pairs(opts):
-        return [(t, o) for t in a.tasks for o in opts if O.applicable(tasks[t], o)]
-
-    log(f"== sweep 1/2: {', '.join(first)}")
-    sw = sweep(pairs(first), a.out, a.jobs, a.quick, {}, log, a.select_seed)
-    aux = {t: best_lr(list(sw[(t, "adamw")].values())) for t in a.tasks}
-    if second:
-        log(f"== sweep 2/2: {', '.join(second)} (AdamW's best LR for their non-matrix params: {aux})")
-        sw.update(sweep(pairs(second), a.out, a.jobs, a.quick, aux, log, a.select_seed))
-    best = {k: best_lr(list(v.values())) for k, v in sw.items()}
+    sw, aux, best = tune(tasks, a.optimizers, a.out, a.jobs, a.quick, log, a.select_seed)
 
     log(f"== seeds {a.seeds} at the best LRs, and AssociativeMomentum confirming runs")
     jobs = []

@@ -9,7 +9,12 @@ Every task exposes the same small interface, used by :func:`train`:
 * ``steps``, ``eval_every`` (equal budgets for every optimizer), ``mf_periods`` (the
   MultiFrequency levels, ``None`` where the task has no layer structure).
 
-Step budgets are in :data:`CONFIG` (``full`` and ``quick``).
+Optional: ``lr_factor(step)`` (a schedule: every param group's lr is its initial lr times it),
+``perturb_grads(model, step, gen)`` (corrupts the gradients after ``backward``: the robustness
+tasks) and ``final_windows`` (a larger evaluation at the last step). Step budgets are in
+:data:`CONFIG` (``full`` and ``quick``). :data:`TASKS` is the main suite; :data:`EXTRA_TASKS`
+are the char-level GPT (``benchmarks/char_gpt.py``) and the robustness variants
+(``benchmarks/robustness.py``).
 """
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ CONFIG = {
         "rosenbrock": dict(steps=1000, eval_every=25),
         "noisy_quadratic": dict(steps=600, eval_every=20),
         "continual_pmnist1d": dict(steps=1000, eval_every=25, batch_size=128, n_tasks=5),
+        "char_gpt": dict(steps=600, eval_every=100, batch_size=12, seq_len=64, warmup=60,
+                         final_test="whole play"),
+        **{name: dict(steps=600, eval_every=30, batch_size=128) for name in (
+            "mnist1d_labels20", "mnist1d_labels40", "mnist1d_heavy_tail", "mnist1d_spikes")},
     },
     "quick": {
         "mnist1d_mlp": dict(steps=60, eval_every=10, batch_size=64),
@@ -38,6 +47,9 @@ CONFIG = {
         "rosenbrock": dict(steps=100, eval_every=10),
         "noisy_quadratic": dict(steps=60, eval_every=10),
         "continual_pmnist1d": dict(steps=50, eval_every=10, batch_size=64, n_tasks=5),
+        "char_gpt": dict(steps=12, eval_every=6, batch_size=4, seq_len=32, warmup=2, final_test="whole play"),
+        **{name: dict(steps=60, eval_every=10, batch_size=64) for name in (
+            "mnist1d_labels20", "mnist1d_labels40", "mnist1d_heavy_tail", "mnist1d_spikes")},
     },
 }
 
@@ -110,6 +122,9 @@ class Task:
     mf_periods = None            # {regex: update_every} for the MultiFrequency optimizers
     muon = True                  # has 2-D hidden matrices for torch.optim.Muon
     log_loss = False             # plot the loss on a log axis
+    lr_factor = None             # step -> factor on every group's initial lr (a schedule)
+    perturb_grads = None         # (model, step, gen) -> None: corrupts the gradients in place
+    final_windows = None         # evaluation size at the last step (None: as the others)
 
     def __init__(self, quick: bool = False):
         self.quick = quick
@@ -307,8 +322,93 @@ class NoisyQuadratic(Task):
         return {"loss": self.f(model.weight).item()}
 
 
+class CharGPT(ShakespeareChar):
+    """Char-level GPT on Shakespeare, nanoGPT's baby-GPT size: Transformer++ 4 layers, 128 wide,
+    4 heads, ctx 64; warmup then cosine to lr/10."""
+    name = "char_gpt"
+    mf_periods = None
+
+    def __init__(self, quick=False):
+        super().__init__(quick)
+        self.eval_windows = 16 if quick else 384
+        self.final_windows = 48 if quick else 2400   # the last val point: 200 batches of 12
+
+    def describe(self):
+        return (f"Char-level GPT (Transformer++ 4x128, 4 heads, ctx {self.T}, batch {self.cfg['batch_size']}, "
+                f"{self.steps} steps, warmup {self.cfg['warmup']} + cosine to lr/10; val = "
+                f"{self.final_windows} windows of the last 10% of each play, test = held-out play "
+                f"'{self.holdout}')")
+
+    def build(self, seed):
+        from examples.hope.model import Transformer, TransformerConfig
+        return Transformer(TransformerConfig(vocab_size=self.vocab, block_size=self.T, n_layer=4,
+                                             n_embd=128, n_head=4, d_ff=344))
+
+    def lr_factor(self, step):
+        warmup = self.cfg["warmup"]
+        if step <= warmup:
+            return step / warmup
+        progress = (step - warmup) / max(self.steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class NoisyLabelsMNIST1D(MNIST1DMLP):
+    """MNIST-1D MLP with a fixed fraction of the training labels flipped to another class
+    (val and test clean)."""
+    noise = 0.2
+
+    def __init__(self, quick=False):
+        super().__init__(quick)
+        x, y = self.data["train"]
+        g = torch.Generator().manual_seed(777)    # the same corrupted set for every run
+        flip = torch.rand(len(y), generator=g) < self.noise
+        other = (y + torch.randint(1, 10, (len(y),), generator=g)) % 10
+        self.data = dict(self.data, train=(x, torch.where(flip, other, y)))
+        self.flipped = float(flip.float().mean())
+
+    def describe(self):
+        return f"MNIST-1D MLP, {self.noise:.0%} of the training labels flipped (val/test clean)"
+
+
+class Labels20(NoisyLabelsMNIST1D):
+    name, noise = "mnist1d_labels20", 0.2
+
+
+class Labels40(NoisyLabelsMNIST1D):
+    name, noise = "mnist1d_labels40", 0.4
+
+
+class HeavyTailMNIST1D(MNIST1DMLP):
+    """MNIST-1D MLP whose gradients get heavy-tailed noise, entrywise ``rms(G) z / u^(1/1.5)``
+    (``z`` normal, ``u`` uniform): tail index 1.5, so the noise has infinite variance."""
+    name = "mnist1d_heavy_tail"
+    tail_index, scale = 1.5, 1.0
+
+    def perturb_grads(self, model, step, gen):
+        for p in model.parameters():
+            if p.grad is not None:
+                z = torch.randn(p.shape, generator=gen)
+                u = torch.rand(p.shape, generator=gen).clamp_min(1e-12)
+                p.grad.add_(z * u.pow(-1 / self.tail_index) * (self.scale * p.grad.square().mean().sqrt()))
+
+
+class SpikesMNIST1D(MNIST1DMLP):
+    """MNIST-1D MLP with rare large gradient spikes: at 2% of the steps every gradient gets
+    Gaussian noise of 30 times its rms."""
+    name = "mnist1d_spikes"
+    rate, size = 0.02, 30.0
+
+    def perturb_grads(self, model, step, gen):
+        hit = torch.rand((), generator=gen) < self.rate
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen)   # drawn every step: the stream is paired
+            if hit and p.grad is not None:
+                p.grad.add_(noise * (self.size * p.grad.square().mean().sqrt()))
+
+
 TASKS = {t.name: t for t in (MNIST1DMLP, MNIST1DCNN, ShakespeareChar, Rosenbrock, NoisyQuadratic,
                              ContinualPermutedMNIST1D)}
+EXTRA_TASKS = {t.name: t for t in (CharGPT, Labels20, Labels40, HeavyTailMNIST1D, SpikesMNIST1D)}
 
 
 # --------------------------------------------------------------------------- training loop
@@ -334,8 +434,9 @@ def train(task: Task, model: nn.Module, opt, seed: int, splits=("val", "test")) 
         curve["step"].append(step)
         curve["time"].append(t)
         curve["train_loss"].append(tl)
+        last = {"max_windows": task.final_windows} if step == task.steps and task.final_windows else {}
         for s in splits:
-            r = task.evaluate(model, s, step) if continual else task.evaluate(model, s)
+            r = task.evaluate(model, s, step) if continual else task.evaluate(model, s, **last)
             curve[f"{s}_loss"].append(r["loss"])
             if "acc" in r:
                 curve[f"{s}_acc"].append(r["acc"])
@@ -346,12 +447,18 @@ def train(task: Task, model: nn.Module, opt, seed: int, splits=("val", "test")) 
     evaluate(0, 0.0, l0)
     t_train, times, acc, n, diverged = 0.0, [], 0.0, 0, False
     blowup = max(10 * abs(l0), 1e3 if task.log_loss else 0.0, 50.0)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     for step in range(1, task.steps + 1):
         t0 = time.perf_counter()
+        if task.lr_factor is not None:
+            for group, lr in zip(opt.param_groups, base_lrs):
+                group["lr"] = lr * task.lr_factor(step)
         batch = task.sample(step, gen)
         loss = task.loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if task.perturb_grads is not None:
+            task.perturb_grads(model, step, gen)
         opt.step()
         dt = time.perf_counter() - t0
         t_train += dt

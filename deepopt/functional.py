@@ -8,7 +8,7 @@ made concrete, and the optimizer classes are thin compositions of them:
 * memory writes: the dot-product objective ``-<M, V>`` with retention ``a`` gives the momentum
   write (:func:`momentum_write`); the L2 (delta-rule) objective adds a gradient-dependent
   forgetting term (:func:`delta_forget`, :func:`delta_momentum_write`); an MLP memory takes a
-  closed-form gradient step on its objective (:func:`mlp_memory_step`);
+  closed-form proximal step on its objective (:func:`mlp_memory_step`);
 * read-outs: momentum / Nesterov (:func:`momentum_readout`), the MLP memory
   (:func:`mlp_memory`), Newton-Schulz orthogonalisation (:func:`newton_schulz`).
 
@@ -321,54 +321,72 @@ def mlp_memory(keys: Tensor, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
 
 def _mlp_memory_grads(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
                       objective: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed-form gradients ``(dL/dA, dL/dB)`` of the MLP memory's inner objective, and the
-    normalised rate's denominator ``1 + mean_i ||h_i||^2``."""
+    """Closed-form gradients ``(dL/dA, dL/dB)`` of the MLP memory's inner objective and the
+    second moment of its hidden activations ``C = H^T H / r`` (the l2 objective's curvature in ``B``)."""
     z = keys @ mlp_in.mT
     hidden = F.silu(z)
-    rows = keys.shape[-2]
+    rows = max(keys.shape[-2], 1)   # (an empty matrix: no rows, zero gradients)
     if objective == "dot":
         d_out = target / -rows
     else:
         d_out = (hidden @ mlp_out.mT - target) / rows
     d_z = (d_out @ mlp_out) * silu_grad(z)
-    norm = 1 + hidden.square().sum(-1).sum(-1, keepdim=True) / max(rows, 1)   # (an empty matrix: no rows)
-    return d_z.mT @ keys, d_out.mT @ hidden, norm.unsqueeze(-1)
+    return d_z.mT @ keys, d_out.mT @ hidden, hidden.mT @ hidden / rows
+
+
+def _mlp_memory_steps(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, objective: str,
+                      memory_lr: float, memory_decay: float) -> tuple[Tensor, Tensor]:
+    """The steps ``(A - A', B - B')`` of :func:`mlp_memory_step_` (from the pre-step values)."""
+    d_in, d_out, curvature = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
+    eta, lam = memory_lr, memory_decay
+    d_in = d_in.add(mlp_in, alpha=lam)
+    d_out = d_out.add(mlp_out, alpha=lam)
+    trace = curvature.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    step_in = d_in * (eta / (1 + eta * (trace + lam)))
+    if objective == "dot":   # linear in B: its proximal step is a plain step, shrunk by the ridge term
+        return step_in, d_out * (eta / (1 + eta * lam))
+    # B's proximal step solves the h x h system (1 + eta lam) I + eta C (SPD), in fp32 at least;
+    # solve_ex does not check for singularity, so it needs no host sync
+    work = torch.promote_types(curvature.dtype, torch.float32)
+    eye = torch.eye(curvature.shape[-1], dtype=work, device=curvature.device)
+    system = curvature.to(work).mul(eta).add_(eye, alpha=1 + eta * lam)
+    step_out = torch.linalg.solve_ex(system, d_out.mT.to(work))[0].mT.mul_(eta)
+    return step_in, step_out.to(mlp_out.dtype)
 
 
 def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, *,
-                     objective: str = "l2", memory_lr: float = 2.0, memory_decay: float = 0.0) -> None:
-    r"""One simultaneous closed-form gradient step of the MLP memory ``f`` on its own inner
-    objective, at a normalised rate (the normalised delta rule). With ``r`` rows, ``k_i`` the
-    keys, ``g_i`` the targets, ``h_i = silu(A k_i)``:
+                     objective: str = "l2", memory_lr: float = 32.0, memory_decay: float = 0.0) -> None:
+    r"""One proximal (implicit) step of the MLP memory ``f`` on its own inner objective plus a
+    ridge term ``lambda/2 (||A||^2 + ||B||^2)``. With ``r`` rows, ``k_i`` the keys, ``g_i`` the
+    targets, ``h_i = silu(A k_i)``:
 
     * ``"l2"``: ``L = 1/(2r) sum_i ||f(k_i) - g_i||^2`` (the MLP regresses the gradient);
     * ``"dot"``: ``L = -(1/r) sum_i <f(k_i), g_i>`` (momentum's objective; unbounded below).
 
-    With ``Z = K A^T``, ``H = silu(Z)``, ``E = dL/df``: ``dB = E^T H``,
-    ``dA = (E B * silu'(Z))^T K``; then, from the pre-step values,
+    With ``Z = K A^T``, ``H = silu(Z)``, ``E = dL/df``, ``C = H^T H / r``: ``dB = E^T H + lambda B``,
+    ``dA = (E B * silu'(Z))^T K + lambda A``; then, from the pre-step values,
 
     .. math::
-        (A, B) \leftarrow (1 - \eta\lambda)\Big((A, B) - \frac{\eta}{1 + \mathrm{mean}_i \|h_i\|^2}
-        (dA, dB)\Big)
+        B \leftarrow B - \eta\, dB\, ig((1 + \eta\lambda) I + \eta Cig)^{-1}, \qquad
+        A \leftarrow A - rac{\eta}{1 + \eta(\mathrm{tr}\, C + \lambda)}\, dA
 
-    The rate is normalised as in normalised LMS: with ``A`` held fixed, the l2 step on ``B``
-    contracts the residual for ``memory_lr <= 2`` whatever the width and the scale of ``A``
-    (``mean ||h||^2`` bounds the curvature); the joint step on ``(A, B)`` has no such bound, and
-    the decay ``1 - memory_lr * memory_decay`` is not normalised. The dot objective's growth slows
-    as ``h`` grows. No autograd graph is built.
+    The l2 objective is quadratic in ``B`` with curvature ``C``, so ``B``'s step is its exact
+    proximal step, ``argmin_B L + lambda/2 ||B||^2 + ||B - B_0||^2 / (2 eta)``: it never grows
+    the residual at any ``eta`` (``C = 0`` for ``"dot"``). ``A``'s is the proximal step with the
+    curvature taken as the scalar ``tr C + lambda`` (normalised LMS at small ``eta``); both tend
+    to a finite step as ``eta`` grows. The explicit (normalised) step of the earlier releases fit
+    ``B`` along ``C``'s top direction only, a ``1 / h`` of the rest. No autograd graph is built.
     """
-    d_in, d_out, norm = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
-    shrink = 1 - memory_lr * memory_decay
-    mlp_in.sub_(d_in.mul_(memory_lr / norm)).mul_(shrink)
-    mlp_out.sub_(d_out.mul_(memory_lr / norm)).mul_(shrink)
+    step_in, step_out = _mlp_memory_steps(mlp_in, mlp_out, keys, target, objective, memory_lr, memory_decay)
+    mlp_in.sub_(step_in)
+    mlp_out.sub_(step_out)
 
 
 def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, *,
-                    objective: str = "l2", memory_lr: float = 2.0, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
+                    objective: str = "l2", memory_lr: float = 32.0, memory_decay: float = 0.0) -> tuple[Tensor, Tensor]:
     """Out-of-place :func:`mlp_memory_step_`: returns the new ``(A, B)`` (autograd-safe)."""
-    d_in, d_out, norm = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
-    shrink = 1 - memory_lr * memory_decay
-    return ((mlp_in - d_in * (memory_lr / norm)) * shrink, (mlp_out - d_out * (memory_lr / norm)) * shrink)
+    step_in, step_out = _mlp_memory_steps(mlp_in, mlp_out, keys, target, objective, memory_lr, memory_decay)
+    return mlp_in - step_in, mlp_out - step_out
 
 
 # ------------------------------------------------------------------------------ nonlinear read-out

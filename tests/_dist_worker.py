@@ -32,7 +32,8 @@ CONFIGS = {
     "delta": lambda m: deepopt.DeltaMomentum(m.parameters(), lr=0.05, nesterov=True),
     "delta_elementwise": lambda m: deepopt.DeltaMomentum(m.parameters(), lr=0.05, keys="elementwise"),
     "deep": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.05, memory_lr=0.05),
-    "deep_ns_l2": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.02, objective="l2", output="newton_schulz"),
+    "deep_ns_l2": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.02, objective="l2", output="newton_schulz",
+                                                 ns_dtype="float32"),
     "m3": lambda m: deepopt.create_optimizer(m, "m3", lr=0.01, adamw_lr=1e-3, chunk=2, precondition=False),
     # M3 at its defaults (lr 0.01, the scale-free preconditioner), a chunk boundary every 2 steps
     "m3_preconditioned": lambda m: deepopt.create_optimizer(m, "m3", adamw_lr=1e-3, chunk=2),
@@ -43,7 +44,9 @@ CONFIGS = {
         [{"params": m[0].parameters(), "update_every": 3},
          {"params": list(m[2].parameters()) + list(m[4].parameters())}], lr=0.05)),
 }
-#: Newton-Schulz runs in bf16: a last-bit difference in its input (all-reduce order) moves the result
+#: Newton-Schulz runs in bf16 (m3; deep_ns_l2 runs it in fp32: with its MLP memory at the default
+#: proximal rate a bf16 rounding flipped by the all-reduce order grew to 8e-4 in 10 steps): a last-bit
+#: difference in its input moves the result
 NS_CONFIGS = {"deep_ns_l2", "m3", "m3_preconditioned"}
 
 

@@ -35,12 +35,15 @@ MUTANTS = [
     ("deep: MLP inner step deleted", "deepopt/deep_momentum.py",
      "    Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, objective=objective,",
      "    (lambda *a, **k: None)(mlp_in, mlp_out, keys, g_matrix * unit, objective=objective,"),
-    ("deep: inner decay deleted", "deepopt/functional.py",
-     "    shrink = 1 - memory_lr * memory_decay\n    mlp_in.sub_(",
-     "    shrink = 1\n    mlp_in.sub_("),
-    ("deep: normalised inner rate unnormalised", "deepopt/functional.py",
-     "    norm = 1 + hidden.square().sum(-1).sum(-1, keepdim=True) / max(rows, 1)",
-     "    norm = 1 + 0 * hidden.square().sum(-1).sum(-1, keepdim=True) / max(rows, 1)"),
+    ("deep: inner ridge deleted", "deepopt/functional.py",
+     "    eta, lam = memory_lr, memory_decay",
+     "    eta, lam = memory_lr, 0.0"),
+    ("deep: B's proximal step loses its curvature (explicit)", "deepopt/functional.py",
+     "    system = curvature.to(work).mul(eta).add_(eye, alpha=1 + eta * lam)",
+     "    system = curvature.to(work).mul(0).add_(eye, alpha=1 + eta * lam)"),
+    ("deep: A's proximal step unnormalised", "deepopt/functional.py",
+     "    step_in = d_in * (eta / (1 + eta * (trace + lam)))",
+     "    step_in = d_in * eta"),
     ("deep: l2 objective loses its target", "deepopt/functional.py",
      "        d_out = (hidden @ mlp_out.mT - target) / rows",
      "        d_out = (hidden @ mlp_out.mT) / rows"),
@@ -185,7 +188,7 @@ def run_mutant(mutant, timeout: int) -> tuple[bool, float, str]:
     (``None``: the unmutated baseline)."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
-        shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__", ".ci-venv", "results",
+        shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__", ".ci-venv", ".venv", ".device-deps", "results",
                                                                   ".hypothesis", "*.egg-info", "build"))
         if mutant is not None:
             apply(tree, mutant)

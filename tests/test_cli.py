@@ -15,7 +15,7 @@ SCRIPTS = ["examples/hope/train.py", "examples/hope/recall.py", "examples/hope/c
            "benchmarks/step_throughput.py", "benchmarks/distributed_deviation.py",
            "examples/hope/results/sweep_and_ablate.py", "examples/hope/results/long_context.py",
            "benchmarks.run", "benchmarks.deep_memory", "benchmarks.m3_design", "benchmarks.ns_dtype_cpu",
-           "benchmarks.step_cost", "benchmarks.matched_lr"]
+           "benchmarks.step_cost", "benchmarks.matched_lr", "benchmarks.char_gpt", "benchmarks.robustness"]
 
 # runs a script (a path, as `python path`) or a module (as `python -m name`) and reports, on its
 # last stdout line, the exit status and which heavy modules it imported

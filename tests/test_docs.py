@@ -231,7 +231,8 @@ def _generated_tables():
     """(page, the table its result file gives now): each docs table of measured numbers is printed
     by the script that wrote the numbers, so a table edited by hand or a result file rerun
     without its page fails here."""
-    from benchmarks import deep_memory, distributed_deviation, matched_lr, ns_dtype_cpu, report, step_cost
+    from benchmarks import (char_gpt, deep_memory, distributed_deviation, matched_lr, ns_dtype_cpu, report,
+                            robustness, step_cost)
     from examples.hope.results import sweep_and_ablate as hope
     return {
         "numerics: ns_dtype": ("docs/numerics.md", ns_dtype_cpu.table(
@@ -243,6 +244,12 @@ def _generated_tables():
                                                                          deep_memory.README_ROWS)),
         "benchmark summary": ("docs/benchmarks.md", report.summary_table(_json("benchmarks/results/results.json"))),
         "step cost": ("docs/benchmarks.md", step_cost.table(_json("benchmarks/results/step_cost.json"))),
+        "iteration cost": ("docs/benchmarks.md", step_cost.iteration_table(_json("benchmarks/results/step_cost.json"))),
+        "char gpt": ("docs/benchmarks.md", char_gpt.table(_json("benchmarks/results/char_gpt/char_gpt.json"))),
+        "char gpt (README)": ("README.md", char_gpt.table(_json("benchmarks/results/char_gpt/char_gpt.json"),
+                                                          char_gpt.OPTIMIZERS)),
+        "robustness": ("docs/benchmarks.md", robustness.table(_json("benchmarks/results/robustness/robustness.json"))),
+        "robustness (README)": ("README.md", robustness.table(_json("benchmarks/results/robustness/robustness.json"))),
         "matched-lr control": ("docs/benchmarks.md", matched_lr.table(_json("benchmarks/results/matched_lr.json"))),
         "matched-lr control (continual)": ("docs/benchmarks.md",
                                            matched_lr.continual_table(_json("benchmarks/results/matched_lr.json"))),
@@ -254,7 +261,8 @@ def _generated_tables():
 
 @pytest.mark.parametrize("name", ["numerics: ns_dtype", "distributed deviations", "deep memory ablation",
                                   "deep memory ablation (README)",
-                                  "benchmark summary", "step cost", "matched-lr control",
+                                  "benchmark summary", "step cost", "iteration cost", "char gpt", "char gpt (README)",
+                                  "robustness", "robustness (README)", "matched-lr control",
                                   "matched-lr control (continual)", "hope ablations", "hope continual",
                                   "hope long context"])
 def test_docs_tables_are_the_result_files(name):
@@ -264,3 +272,10 @@ def test_docs_tables_are_the_result_files(name):
     starts = [i for i, line in enumerate(lines) if line == want[0]]
     assert any(lines[i:i + len(want)] == want for i in starts), (
         f"{page} does not hold the table its result file gives now:\n{table}")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+def test_char_gpt_verdict_is_the_result_file(page):
+    """The plain sentence on deep-ns against torch Muon, as benchmarks/char_gpt.py wrote it."""
+    verdict = _json("benchmarks/results/char_gpt/char_gpt.json")["verdict"]
+    assert verdict in " ".join(_text(ROOT / page).split()), verdict

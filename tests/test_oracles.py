@@ -147,12 +147,19 @@ def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, 
                 loss = -(f * (g / rho)).sum() / rows
             else:
                 loss = 0.5 * (f - g / rho).square().sum() / rows
-            grad_a, grad_b = torch.autograd.grad(loss, (A, B))
-            hidden_rows = F.silu(keys @ state["A"].T)
-            rate = memory_lr / (1 + sum(float(h @ h) for h in hidden_rows) / rows)
-            shrink = 1 - memory_lr * memory_decay
-            state["A"] = shrink * (state["A"] - rate * grad_a)
-            state["B"] = shrink * (state["B"] - rate * grad_b)
+            grad_a, _ = torch.autograd.grad(loss, (A, B))
+            # the proximal step: B' = argmin_B L(B) + lam/2 ||B||^2 + ||B - B0||^2 / (2 eta), from the
+            # normal equations B' ((1 + eta lam) I + eta C) = B0 + eta T^T H / r (C = 0 for dot);
+            # A: the same step with the curvature taken as the scalar tr C + lam
+            h = F.silu(keys @ state["A"].T)
+            curvature = h.T @ h / rows if objective == "l2" else torch.zeros(hidden, hidden, dtype=h.dtype)
+            pull = (g / rho).T @ h / rows
+            system = (1 + memory_lr * memory_decay) * torch.eye(hidden, dtype=h.dtype) + memory_lr * curvature
+            new_b = torch.linalg.solve(system.T, (state["B"] + memory_lr * pull).T).T
+            trace = float((h * h).sum()) / rows
+            rate = memory_lr / (1 + memory_lr * (trace + memory_decay))
+            state["A"] = state["A"] - rate * (grad_a + memory_decay * state["A"])
+            state["B"] = new_b
             deep = rho * (F.silu(keys @ state["A"].T) @ state["B"].T)
             u = readout + deep if linear_memory else deep
             if output == "newton_schulz":
@@ -162,7 +169,7 @@ def deep_momentum_oracle(shapes, *, lr, momentum, dampening, hidden, memory_lr, 
 
 
 DEEP_CASES = {
-    "defaults": dict(lr=0.05, momentum=0.9, dampening=0.0, hidden=16, memory_lr=2.0, memory_decay=0.01,
+    "defaults": dict(lr=0.05, momentum=0.9, dampening=0.0, hidden=16, memory_lr=32.0, memory_decay=0.01,
                      memory_init=1.0, objective="l2"),
     "tensor-keys": dict(lr=0.05, momentum=0.9, dampening=0.0, hidden=8, memory_lr=1.0, memory_decay=0.1,
                         memory_init=1.0, objective="l2", key_norm="tensor"),
