@@ -71,3 +71,38 @@ def update_gathered(params, grads, states, update: Callable, state_keys: Callabl
                 state[key] = _shard_like(value, p)
             else:
                 state[key] = value
+
+
+def orthogonalise_sharded(matrices: list[Tensor], process_group, *, steps: int, coefficients, form: str,
+                          dtype: torch.dtype) -> list[Tensor]:
+    """Newton-Schulz of matrices that every rank of ``process_group`` holds (DDP), the work
+    spread over the ranks: each matrix has one owner (:func:`deepopt.newton_schulz.balanced_owners`,
+    by flops), which orthogonalises its matrices in batches; one all-gather then gives every
+    rank every result, bit for bit the owner's. Each rank receives the others' results (the
+    minimum) plus the padding that evens out the ranks' shares."""
+    import torch.distributed as dist
+    from .newton_schulz import balanced_owners, ns_flops, orthogonalise
+    options = dict(steps=steps, coefficients=coefficients, form=form, dtype=dtype)
+    world = dist.get_world_size(process_group)
+    if world == 1 or not matrices:
+        return orthogonalise(matrices, **options)
+    rank = dist.get_rank(process_group)
+    owners = balanced_owners([ns_flops(m.shape, steps, form) for m in matrices], world)
+    owned = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    width = max(sum(matrices[i].numel() for i in idx) for idx in owned)
+    device = matrices[0].device
+    mine = orthogonalise([matrices[i] for i in owned[rank]], **options)
+    send = torch.zeros(width, dtype=dtype, device=device)
+    if mine:
+        flat = torch.cat([x.reshape(-1) for x in mine])
+        send[:flat.numel()].copy_(flat)
+    received = [torch.empty(width, dtype=dtype, device=device) for _ in range(world)]
+    dist.all_gather(received, send, group=process_group)
+    out: list[Tensor | None] = [None] * len(matrices)
+    for r, idx in enumerate(owned):
+        offset = 0
+        for i in idx:
+            size = matrices[i].numel()
+            out[i] = received[r][offset:offset + size].view(matrices[i].shape)
+            offset += size
+    return out

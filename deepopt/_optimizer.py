@@ -59,6 +59,9 @@ class DeepOptimizer(Optimizer):
     _algorithm: str | None = None
     #: options that define the algorithm: a checkpoint saved with other values does not load
     _algorithm_options: tuple[str, ...] = ()
+    #: the data-parallel process group a Newton-Schulz rule spreads its work over (its
+    #: ``process_group`` argument; not in the state dict, and None after unpickling)
+    _ns_group = None
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         self._validate_hyperparameters(defaults)   # before params are read, as torch
@@ -180,9 +183,11 @@ class DeepOptimizer(Optimizer):
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         return "foreach" if foreach else "forloop"
 
-    def _update(self, group, params, grads, states, implementation: str, amp=None) -> None:
+    def _update(self, group, params, grads, states, implementation: str, amp=None, whole_matrices=False) -> None:
         rule, hyper = self._rule_of(group)
         hyper["state_dtype"] = group["state_dtype"]
+        if whole_matrices and "ns_group" in hyper:   # (the owner's own matrices, gathered from their shards)
+            hyper["ns_group"] = None
         if implementation == "fused":
             fn = rule.cuda if group.get("fused_backend", "triton") == "cuda" else rule.fused
             fn(params, grads, states, amp=amp, **hyper)
@@ -266,7 +271,7 @@ class DeepOptimizer(Optimizer):
                     and any(map(_distributed.is_dtensor, params)):
                 _distributed.update_gathered(
                     params, grads, states,
-                    lambda ps, gs, sts: self._update(group, ps, gs, sts, "forloop"),
+                    lambda ps, gs, sts: self._update(group, ps, gs, sts, "forloop", whole_matrices=True),
                     lambda p: self._group_state_spec(group, p))
                 continue
             implementation = self._implementation(group, params)

@@ -50,6 +50,7 @@ from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import _triton as T
 from . import functional as Fn
+from . import newton_schulz as NS
 from ._optimizer import DeepOptimizer, Rule
 from ._state import new_step, resolve_state_dtype
 from ._validation import check_choice, check_range
@@ -59,9 +60,10 @@ from .functional import as_matrix
 __all__ = ["DeepMomentum"]
 
 
-def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_lr, memory_decay,
-               linear_memory, adjust_lr, ns_steps, ns_dtype):
-    """From the linear read-out ``u`` to the parameter update and its lr (one param)."""
+def _readout_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_lr, memory_decay,
+                linear_memory, adjust_lr):
+    """From the linear read-out ``u`` to the memory's read-out before Newton-Schulz and the
+    update's lr (one param; the MLP memory takes its step here)."""
     if p.ndim < 2:
         return u, lr
     mlp_in, mlp_out = state["mlp_in"], state["mlp_out"]
@@ -76,16 +78,26 @@ def _update_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_l
                         memory_decay=memory_decay)
     deep = Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape)
     u = u.add(deep * scale) if linear_memory else deep.mul(scale).to(u.dtype)   # (a tensor alpha would sync)
-    if output == "newton_schulz":
-        u = Fn.newton_schulz(as_matrix(u), steps=ns_steps,
-                             dtype=Fn.resolve_ns_dtype(ns_dtype, p.device)).reshape(p.shape)
     return u, Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape)
+
+
+def _outputs(params, updates, output, ns) -> list:
+    """The updates after the output map: Newton-Schulz of every matrix's in one batched call."""
+    if output != "newton_schulz":
+        return updates
+    matrices = [i for i, p in enumerate(params) if p.ndim >= 2]
+    updates = list(updates)
+    for i, x in zip(matrices, NS.orthogonalise_updates([updates[i] for i in matrices], **ns)):
+        updates[i] = x
+    return updates
 
 
 def _single_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampening, weight_decay,
                                  nesterov, maximize, decoupled_weight_decay, state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
+    ns = NS.split_rule_options(rule)
+    updates, lrs = [], []
     for p, grad, state in zip(params, grads, states):
         g = Fn.decay_and_preprocess(p, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
                                     decoupled_weight_decay=decoupled_weight_decay)
@@ -93,7 +105,10 @@ def _single_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampeni
         buf = state["momentum_buffer"]
         Fn.momentum_write_(buf, g, momentum, dampening, lerp=lerp)
         u = Fn.momentum_readout(g, buf, momentum, nesterov=nesterov, lerp=lerp)
-        u, step_lr = _update_of(p, g, u, state, lr=lr, **rule)
+        u, step_lr = _readout_of(p, g, u, state, lr=lr, **rule)
+        updates.append(u)
+        lrs.append(step_lr)
+    for p, u, step_lr in zip(params, _outputs(params, updates, rule["output"], ns), lrs):
         p.add_(u, alpha=-step_lr)
 
 
@@ -101,6 +116,7 @@ def _multi_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampenin
                                 nesterov, maximize, decoupled_weight_decay, state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
+    ns = NS.split_rule_options(rule)
     lists = [params, grads, [s["momentum_buffer"] for s in states], [s["step"] for s in states]]
     grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
     for (device_params, device_grads, bufs, steps), indices in grouped.values():
@@ -113,8 +129,11 @@ def _multi_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampenin
         if all(p.ndim < 2 for p in device_params) and rule["adjust_lr"] is None:
             torch._foreach_add_(device_params, updates, alpha=-lr)
             continue
+        updates, lrs = list(updates), []
         for i, (p, g, u) in enumerate(zip(device_params, device_grads, updates)):
-            u, step_lr = _update_of(p, g, u, states[indices[i]], lr=lr, **rule)
+            updates[i], step_lr = _readout_of(p, g, u, states[indices[i]], lr=lr, **rule)
+            lrs.append(step_lr)
+        for p, u, step_lr in zip(device_params, _outputs(device_params, updates, rule["output"], ns), lrs):
             p.add_(u, alpha=-step_lr)
 
 
@@ -143,16 +162,22 @@ def _fused_deep_momentum(params, grads, states, *, lr, momentum, dampening, weig
                     weight_decay=weight_decay if decoupled_weight_decay else 0.0, nesterov=nesterov,
                     maximize=False, decoupled_weight_decay=True, state_dtype=state_dtype,
                     zero_init=True, finish_matrices=False)
-    by_group: dict = {}
+    ns = NS.split_rule_options(rule)
+    matrices, updates, scales = [], [], []
     for p, g, state in zip(params, gs, states):
         if p.ndim < 2:
             continue
         u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-        u, step_lr = _update_of(p, g, u, state, lr=1.0, **rule)
+        u, step_lr = _readout_of(p, g, u, state, lr=1.0, **rule)
+        matrices.append(p)
+        updates.append(u)
+        scales.append(float(step_lr))
+    by_group: dict = {}
+    for p, u, lr_scale in zip(matrices, _outputs(matrices, updates, rule["output"], ns), scales):
         entry = by_group.setdefault((p.device, p.dtype, u.dtype), ([], [], []))
         entry[0].append(p)
         entry[1].append(u)
-        entry[2].append(float(step_lr))
+        entry[2].append(lr_scale)
     for ps, us, scales in by_group.values():
         T.apply_update_(ps, us, lr=lr, lr_scales=scales, weight_decay=weight_decay if decoupled_weight_decay else 0.0)
 
@@ -193,8 +218,16 @@ class DeepMomentum(DeepOptimizer):
         adjust_lr: ``None``, ``"original"`` (``lr * sqrt(max(1, rows/cols))``) or
             ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(rows, cols))``), matrix params only.
         ns_steps: Newton-Schulz iterations, 1..99.
-        ns_dtype: the dtype Newton-Schulz runs in: ``"auto"`` (fp32 on CPU, where bf16 matmuls are
-            slow; bf16 elsewhere), ``"bfloat16"`` (torch Muon's, needed for its exact reduction)
+        ns_coefficients: ``"muon"`` (torch Muon's quintic) or ``"polar_express"`` (per-step
+            minimax quintics, closer to orthogonal in as many steps); :mod:`deepopt.newton_schulz`.
+        ns_form: ``"direct"`` (torch Muon's iteration) or ``"gram"`` (on the small Gram matrix:
+            the same result to rounding, 0.7x the flops on matrices with an aspect ratio of 3-4).
+        process_group: the data-parallel (DDP) ranks, which hold the same params and grads: each
+            matrix's Newton-Schulz runs on one rank (balanced by flops) and the results are
+            all-gathered. ``None`` (default): each rank runs all. DTensor (FSDP2) params always
+            spread the work over their mesh.
+        ns_dtype: the dtype Newton-Schulz runs in: ``"auto"`` (bf16 where matmuls run natively in it;
+            fp32 on other CPUs, where bf16 is emulated and slow), ``"bfloat16"`` (torch Muon's, needed for its exact reduction)
             or ``"float32"``.
         seed: seed of the MLP initialisation (combined with the param's index).
 
@@ -207,15 +240,18 @@ class DeepMomentum(DeepOptimizer):
                  nesterov=False, *, hidden=16, memory_lr=32.0, memory_decay=0.01, memory_init=1.0,
                  linear_memory=True, objective="l2", output="identity", key_norm="row", eps=1e-8,
                  decoupled_weight_decay=False,
-                 adjust_lr=None, ns_steps=5, ns_dtype="auto", seed=0, maximize=False, foreach=None, fused=None,
-                 state_dtype=None, nonfinite="propagate"):
+                 adjust_lr=None, ns_steps=5, ns_dtype="auto", ns_coefficients="muon", ns_form="direct", seed=0,
+                 maximize=False, foreach=None, fused=None,
+                 state_dtype=None, nonfinite="propagate", process_group=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, hidden=hidden, memory_lr=memory_lr, memory_decay=memory_decay,
                         memory_init=memory_init, linear_memory=linear_memory, objective=objective, output=output, key_norm=key_norm, eps=eps,
                         decoupled_weight_decay=decoupled_weight_decay, adjust_lr=adjust_lr,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, seed=seed, maximize=maximize, foreach=foreach, fused=fused,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, ns_form=ns_form,
+                        seed=seed, maximize=maximize, foreach=foreach, fused=fused,
                         state_dtype=state_dtype, nonfinite=nonfinite)
         self._index_of: dict[int, int] = {}
+        self._ns_group = process_group
         super().__init__(params, defaults)
 
     def _validate_group(self, group):
@@ -236,9 +272,7 @@ class DeepMomentum(DeepOptimizer):
         check_choice("key_norm", group["key_norm"], ("row", "tensor"))
         check_range("eps", group["eps"], 0.0, low_open=True)
         check_choice("adjust_lr", group["adjust_lr"], (None, "original", "match_rms_adamw"))
-        if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
-            raise ValueError(f"invalid ns_steps={group['ns_steps']!r}: must be an int in [1, 99]")
-        check_choice("ns_dtype", group["ns_dtype"], Fn.NS_DTYPES)
+        NS.check_options(group)
         if not isinstance(group["seed"], int):
             raise ValueError(f"invalid seed={group['seed']!r}: must be an int")
 
@@ -277,5 +311,5 @@ class DeepMomentum(DeepOptimizer):
     def _rule(self, group):
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "decoupled_weight_decay",
                 "objective", "output", "key_norm", "eps", "memory_lr", "memory_decay", "linear_memory", "adjust_lr",
-                "ns_steps", "ns_dtype")
-        return DEEP_MOMENTUM, {k: group[k] for k in keys}
+                "ns_steps", "ns_dtype", "ns_coefficients", "ns_form")
+        return DEEP_MOMENTUM, dict({k: group[k] for k in keys}, ns_group=self._ns_group)

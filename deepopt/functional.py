@@ -10,7 +10,8 @@ made concrete, and the optimizer classes are thin compositions of them:
   forgetting term (:func:`delta_forget`, :func:`delta_momentum_write`); an MLP memory takes a
   closed-form proximal step on its objective (:func:`mlp_memory_step`);
 * read-outs: momentum / Nesterov (:func:`momentum_readout`), the MLP memory
-  (:func:`mlp_memory`), Newton-Schulz orthogonalisation (:func:`newton_schulz`).
+  (:func:`mlp_memory`), Newton-Schulz orthogonalisation (:func:`newton_schulz`, :func:`orthogonalise`; in
+  :mod:`deepopt.newton_schulz`).
 
 Every rule is written once, as an in-place ``_``-suffixed function that the optimizers call
 under ``torch.no_grad()``. The out-of-place form (no suffix) clones the state first and runs
@@ -31,6 +32,8 @@ from torch import Tensor
 from .memory import *  # noqa: F401,F403  (in-context memory rules used by HOPE)
 from .memory import __all__ as _memory_all
 from .memory import silu_grad
+from .newton_schulz import (NS_COEFFICIENTS, NS_DTYPES, cpu_has_native_bf16, newton_schulz,  # noqa: F401
+                            orthogonalise, resolve_ns_dtype)
 
 __all__ = [
     "preprocess_grad",
@@ -50,6 +53,7 @@ __all__ = [
     "mlp_memory_step",
     "mlp_memory_step_",
     "newton_schulz",
+    "orthogonalise",
     "adjust_lr",
     "scale_free_precondition",
     "matrix_shape",
@@ -69,10 +73,6 @@ def matrix_shape(t: Tensor) -> tuple[int, int]:
 def as_matrix(t: Tensor) -> Tensor:
     """The matrix view of :func:`matrix_shape` (a view where the layout allows)."""
     return t if t.ndim == 2 else t.reshape(matrix_shape(t))
-
-
-#: Muon's quintic Newton-Schulz coefficients (Keller Jordan, 2024)
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 # ------------------------------------------------------------------------------ values
@@ -390,62 +390,7 @@ def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tenso
 
 
 # ------------------------------------------------------------------------------ nonlinear read-out
-def newton_schulz(u: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    r"""Orthogonalise ``u`` (its zeroth matrix power) with the quintic Newton-Schulz iteration
-    in ``dtype``; in bf16 (the default) op for op as torch's Muon, so that Muon is an exact
-    special case:
-
-    .. math:: X \leftarrow a X + (b A + c A^2) X, \quad A = X X^\top
-
-    starting from ``X = u / ||u||_F`` (transposed when rows > cols). Returns ``dtype``. For
-    ``(..., r, c)`` inputs the batched products use ``baddbmm`` (not bit-equal to ``addmm``).
-    """
-    a, b, c = coefficients
-    x = u.to(dtype, copy=True)   # (a copy: x is scaled in place below, u may be a memory)
-    tall = u.size(-2) > u.size(-1)
-    if tall:
-        x = x.mT
-    if x.ndim == 2:
-        x.div_(x.norm().clamp(min=eps))
-        for _ in range(steps):
-            gram = x @ x.T
-            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-            x = torch.addmm(x, poly, x, beta=a)
-    else:
-        lead = x.shape[:-2]
-        x = x.reshape(-1, *x.shape[-2:])
-        x = x / torch.linalg.matrix_norm(x.float(), keepdim=True).clamp(min=eps).to(dtype)
-        for _ in range(steps):
-            gram = x @ x.mT
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            x = torch.baddbmm(x, poly, x, beta=a)
-        x = x.reshape(*lead, *x.shape[-2:])
-    if tall:
-        x = x.mT
-    return x
-
-
-#: ``ns_dtype`` values of the Newton-Schulz rules (DeepMomentum, M3)
-NS_DTYPES = ("auto", "bfloat16", "float32")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16)."""
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_ns_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
-    """The dtype Newton-Schulz runs in. ``"auto"``: bf16 where matmuls run natively in it (CUDA,
-    and CPUs with AMX or AVX512-BF16), fp32 on other CPUs, where bf16 matmuls are emulated:
-    there a DeepMomentum step on a 3072 x 768 matrix took 40x as long with bf16 Newton-Schulz as
-    with fp32, while on an AMX CPU it took 0.3x (``benchmarks/ns_dtype_cpu.py``)."""
-    if ns_dtype == "auto":
-        native = device.type != "cpu" or cpu_has_native_bf16()
-        return torch.bfloat16 if native else torch.float32
-    return getattr(torch, ns_dtype)
+# Newton-Schulz lives in deepopt/newton_schulz.py (re-exported above)
 
 
 def rms(t: Tensor) -> Tensor:

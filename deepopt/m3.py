@@ -38,6 +38,7 @@ from torch.optim.optimizer import Optimizer, _to_scalar
 
 from . import _triton as T
 from . import functional as Fn
+from . import newton_schulz as NS
 from ._optimizer import DeepOptimizer, Rule
 from ._state import new_step
 from ._validation import check_choice, check_range
@@ -46,14 +47,15 @@ from .functional import as_matrix
 __all__ = ["M3"]
 
 
-def _slow_memory_step_(p, state, *, chunk, slow_momentum, ns_steps, ns_dtype) -> None:
-    """At a chunk boundary: ``M2 <- lerp(M2, A / C, 1 - mu_s)``, ``O2 = NS(M2)``, ``A = 0``."""
+def _slow_memory_write_(state, *, chunk, slow_momentum):
+    """At a chunk boundary: ``M2 <- lerp(M2, A / C, 1 - mu_s)``, ``A = 0``; returns ``M2`` to be
+    orthogonalised into ``O2`` (None between boundaries)."""
     t = int(state["step"].item())   # a CPU counter: no device sync
-    if t % chunk == 0:
-        slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)
-        slow_output = Fn.newton_schulz(as_matrix(slow), steps=ns_steps, dtype=Fn.resolve_ns_dtype(ns_dtype, p.device))
-        state["slow_output"].copy_(slow_output.reshape(p.shape))
-        state["chunk_sum"].zero_()
+    if t % chunk:
+        return None
+    slow = state["slow_buffer"].lerp_(state["chunk_sum"] / chunk, 1 - slow_momentum)
+    state["chunk_sum"].zero_()
+    return slow
 
 
 def _m3_direction(x, state, *, slow_weight, precondition, eps):
@@ -71,20 +73,32 @@ def _m3_direction(x, state, *, slow_weight, precondition, eps):
     return u * (target / now.clamp_min(torch.finfo(now.dtype).tiny))
 
 
-def _m3_update_(p, g, state, *, lr, momentum, nesterov, lerp, slow_momentum, beta2, slow_weight,
-                chunk, eps, precondition, ns_steps, ns_dtype, adjust_lr):
-    """Everything after the every-step writes of M1, S and A (one param)."""
-    _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps, ns_dtype=ns_dtype)
-    u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-    u = Fn.newton_schulz(as_matrix(u), steps=ns_steps, dtype=Fn.resolve_ns_dtype(ns_dtype, p.device)).reshape(p.shape)
-    u = _m3_direction(u, state, slow_weight=slow_weight, precondition=precondition, eps=eps)
-    p.add_(u, alpha=-Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape))
+def _m3_updates(params, grads, states, *, momentum, nesterov, lerp, slow_momentum, beta2, slow_weight,
+                chunk, eps, precondition, adjust_lr, ns):
+    """Everything after the every-step writes of M1, S and A: the slow memory at chunk
+    boundaries, both Newton-Schulz read-outs (in one batched call) and the direction. Returns
+    each param's update and its lr scale."""
+    fast, slow, slow_of = [], [], []
+    for i, (g, state) in enumerate(zip(grads, states)):
+        fast.append(Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp))
+        boundary = _slow_memory_write_(state, chunk=chunk, slow_momentum=slow_momentum)
+        if boundary is not None:
+            slow.append(boundary)
+            slow_of.append(i)
+    outputs = NS.orthogonalise_updates(fast + slow, **ns)
+    for i, slow_output in zip(slow_of, outputs[len(fast):]):
+        states[i]["slow_output"].copy_(slow_output)
+    updates = [_m3_direction(x, state, slow_weight=slow_weight, precondition=precondition, eps=eps)
+               for x, state in zip(outputs[:len(fast)], states)]
+    return updates, [Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape) for p in params]
 
 
 def _single_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize,
                       state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
+    ns = NS.split_rule_options(rule)
+    gs = []
     for p, grad, state in zip(params, grads, states):
         g = Fn.decay_and_preprocess(p, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
                                     decoupled_weight_decay=True)
@@ -92,13 +106,17 @@ def _single_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_
         Fn.momentum_write_(state["momentum_buffer"], g, momentum, dampening, lerp=lerp)
         Fn.second_moment_write_(state["exp_avg_sq"], g, rule["beta2"])
         state["chunk_sum"].add_(g)
-        _m3_update_(p, g, state, lr=lr, momentum=momentum, lerp=lerp, **rule)
+        gs.append(g)
+    updates, scales = _m3_updates(params, gs, states, momentum=momentum, lerp=lerp, ns=ns, **rule)
+    for p, u, scale in zip(params, updates, scales):
+        p.add_(u, alpha=-lr * scale)
 
 
 def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize,
                      state_dtype=None, **rule):
     lr = _to_scalar(lr)
     lerp = dampening == momentum
+    ns = NS.split_rule_options(rule)
     beta2 = rule["beta2"]
     lists = [params, grads] + [[s[k] for s in states] for k in
                                ("momentum_buffer", "exp_avg_sq", "chunk_sum", "step")]
@@ -110,13 +128,14 @@ def _multi_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_d
         Fn.momentum_write_foreach_(bufs, device_grads, momentum, dampening, lerp=lerp)
         Fn.second_moment_write_foreach_(exp_avg_sqs, device_grads, beta2)
         torch._foreach_add_(chunk_sums, device_grads)
-        for i, (p, g) in enumerate(zip(device_params, device_grads)):
-            _m3_update_(p, g, states[indices[i]], lr=lr, momentum=momentum, lerp=lerp, **rule)
+        updates, scales = _m3_updates(device_params, device_grads, [states[i] for i in indices], momentum=momentum,
+                                      lerp=lerp, ns=ns, **rule)
+        for p, u, scale in zip(device_params, updates, scales):
+            p.add_(u, alpha=-lr * scale)
 
 
 def _fused_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize, nesterov,
-              slow_momentum, beta2, slow_weight, chunk, eps, precondition, ns_steps, ns_dtype,
-              adjust_lr, state_dtype, amp=None):
+              slow_momentum, beta2, slow_weight, chunk, eps, precondition, adjust_lr, state_dtype, amp=None, **ns):
     """One launch for the every-step writes (M1, S, A, decay); the chunk-boundary update of the
     slow memory and both Newton-Schulz calls as torch ops; one apply launch for the update."""
     if T.skip_on_host(amp):
@@ -141,16 +160,10 @@ def _fused_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, m
                       W_SMALL=abs(write_rate) < 0.5, HAS_WD=weight_decay != 0, LR_TENSOR=lr_tensor,
                       HAS_SCALE=False, HAS_INF=False))
         fix.done()
-        xs, scales = [], []
-        for p, g, state in zip(ps, gs, sts):
-            _slow_memory_step_(p, state, chunk=chunk, slow_momentum=slow_momentum, ns_steps=ns_steps,
-                               ns_dtype=ns_dtype)
-            u = Fn.momentum_readout(g, state["momentum_buffer"], momentum, nesterov=nesterov, lerp=lerp)
-            x = Fn.newton_schulz(as_matrix(u), steps=ns_steps,
-                                 dtype=Fn.resolve_ns_dtype(ns_dtype, device)).reshape(p.shape)
-            # (the slow memory and the preconditioner need reductions per matrix: torch ops, as the for-loop path)
-            xs.append(_m3_direction(x, state, slow_weight=slow_weight, precondition=precondition, eps=eps))
-            scales.append(float(Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape)))
+        # (the slow memory and the preconditioner need reductions per matrix: torch ops, as the for-loop path)
+        xs, scales = _m3_updates(ps, gs, sts, momentum=momentum, nesterov=nesterov, lerp=lerp,
+                                 slow_momentum=slow_momentum, beta2=beta2, slow_weight=slow_weight, chunk=chunk,
+                                 eps=eps, precondition=precondition, adjust_lr=adjust_lr, ns=ns)
         # (xs share one dtype: Newton-Schulz's, or at least fp32 once the slow memory or S enter)
         T.apply_update_(ps, xs, lr=lr, lr_scales=scales, weight_decay=0.0)
 
@@ -186,8 +199,10 @@ class M3(DeepOptimizer):
         precondition: reweight the update by ``1 / (sqrt(S) / rms(sqrt(S)) + eps)``. With it or
             with ``slow_weight > 0``, the update is rescaled to ``rms(NS(readout(M1)))``.
         ns_steps: Newton-Schulz iterations, 1..99.
-        ns_dtype: ``"auto"`` (fp32 on CPU, bf16 elsewhere), ``"bfloat16"`` (torch Muon's, needed
+        ns_dtype: ``"auto"`` (bf16 where matmuls run natively in it, fp32 on other CPUs), ``"bfloat16"`` (torch Muon's, needed
             for its exact reduction) or ``"float32"``: the dtype Newton-Schulz runs in.
+        ns_coefficients, ns_form, process_group: as :class:`~deepopt.DeepMomentum` (Polar
+            Express coefficients, the Gram form, Newton-Schulz spread over DDP ranks).
         adjust_lr: ``"original"`` (default), ``"match_rms_adamw"`` or ``None``.
         maximize, foreach, fused, state_dtype, nonfinite: as :class:`~deepopt.AssociativeMomentum`.
 
@@ -201,13 +216,16 @@ class M3(DeepOptimizer):
 
     def __init__(self, params, lr=0.01, momentum=0.95, dampening=None, weight_decay=0.0,
                  nesterov=False, *, slow_momentum=0.99, beta2=0.95, slow_weight=1.0, chunk=16, eps=0.01,
-                 precondition=True, ns_steps=5, ns_dtype="auto", adjust_lr="original", maximize=False, foreach=None,
-                 fused=None, state_dtype=None, nonfinite="propagate"):
+                 precondition=True, ns_steps=5, ns_dtype="auto", ns_coefficients="muon", ns_form="direct",
+                 adjust_lr="original", maximize=False, foreach=None, fused=None, state_dtype=None,
+                 nonfinite="propagate", process_group=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, slow_momentum=slow_momentum, beta2=beta2,
                         slow_weight=slow_weight, chunk=chunk, eps=eps, precondition=precondition,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr, algorithm="m3", maximize=maximize,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, ns_form=ns_form,
+                        adjust_lr=adjust_lr, algorithm="m3", maximize=maximize,
                         foreach=foreach, fused=fused, state_dtype=state_dtype, nonfinite=nonfinite)
+        self._ns_group = process_group
         super().__init__(params, defaults)
 
     @classmethod
@@ -244,9 +262,7 @@ class M3(DeepOptimizer):
         check_range("slow_weight", group["slow_weight"], 0.0)
         if not isinstance(group["chunk"], int) or group["chunk"] < 1:
             raise ValueError(f"invalid chunk={group['chunk']!r}: must be an int >= 1")
-        if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
-            raise ValueError(f"invalid ns_steps={group['ns_steps']!r}: must be an int in [1, 99]")
-        check_choice("ns_dtype", group["ns_dtype"], Fn.NS_DTYPES)
+        NS.check_options(group)
         check_choice("adjust_lr", group["adjust_lr"], (None, "original", "match_rms_adamw"))
 
     def _check_params(self, group):
@@ -276,6 +292,6 @@ class M3(DeepOptimizer):
 
     def _rule(self, group):
         keys = ("lr", "momentum", "weight_decay", "maximize", "nesterov", "slow_momentum", "beta2", "slow_weight",
-                "chunk", "eps", "precondition", "ns_steps", "ns_dtype", "adjust_lr")
+                "chunk", "eps", "precondition", "ns_steps", "ns_dtype", "ns_coefficients", "ns_form", "adjust_lr")
         dampening = group["momentum"] if group["dampening"] is None else group["dampening"]
-        return M3_RULE, dict({k: group[k] for k in keys}, dampening=dampening)
+        return M3_RULE, dict({k: group[k] for k in keys}, dampening=dampening, ns_group=self._ns_group)

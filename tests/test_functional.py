@@ -155,7 +155,7 @@ def test_newton_schulz_leaves_its_input_alone_in_its_own_dtype(dtype):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_ns_dtype_auto_is_bf16_where_matmuls_are_native(native, monkeypatch):
-    monkeypatch.setattr(Fn, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(deepopt.newton_schulz, "cpu_has_native_bf16", lambda: native)
     assert Fn.resolve_ns_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     assert Fn.resolve_ns_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert Fn.resolve_ns_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

@@ -21,6 +21,9 @@ shape_2d = st.tuples(dims, dims)
 any_shape = st.one_of(st.tuples(dims), shape_2d, st.tuples(dims, dims, st.integers(1, 3), st.integers(1, 3)))
 shapes = st.lists(any_shape, min_size=1, max_size=3)
 matrix_shapes = st.lists(shape_2d, min_size=1, max_size=3)
+# same-shape and transposed matrices: Newton-Schulz runs them as one batch
+batched_shapes = st.lists(st.sampled_from([(5, 3), (3, 5), (8, 8), (24, 40), (40, 24), (1, 4), (4, 1)]),
+                          min_size=2, max_size=6)
 dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
 rates = st.floats(1e-4, 0.3)
 moms = st.floats(0.0, 0.99)
@@ -92,8 +95,8 @@ def test_deep_momentum_frozen_identity_is_sgd(shapes, dtype, lr, momentum, wd, n
 
 
 @needs_muon
-@given(shapes=matrix_shapes, lr=st.floats(1e-3, 0.1), momentum=st.floats(0.5, 0.99), wd=wds,
-       nesterov=st.booleans(), fe=foreach)
+@given(shapes=st.one_of(matrix_shapes, batched_shapes), lr=st.floats(1e-3, 0.1), momentum=st.floats(0.5, 0.99),
+       wd=wds, nesterov=st.booleans(), fe=foreach)
 def test_deep_momentum_frozen_newton_schulz_is_muon(shapes, lr, momentum, wd, nesterov, fe):
     a, b, *_ = run_side_by_side(
         lambda p: deepopt.DeepMomentum(p, lr=lr, momentum=momentum, dampening=momentum, weight_decay=wd,
@@ -106,8 +109,8 @@ def test_deep_momentum_frozen_newton_schulz_is_muon(shapes, lr, momentum, wd, ne
 
 
 @needs_muon
-@given(shapes=matrix_shapes, lr=st.floats(1e-3, 0.1), momentum=st.floats(0.5, 0.99), wd=wds, fe=foreach,
-       chunk=st.integers(1, 5), beta2=st.floats(0.5, 0.999))
+@given(shapes=st.one_of(matrix_shapes, batched_shapes), lr=st.floats(1e-3, 0.1), momentum=st.floats(0.5, 0.99),
+       wd=wds, fe=foreach, chunk=st.integers(1, 5), beta2=st.floats(0.5, 0.999))
 def test_m3_without_slow_memory_and_preconditioner_is_muon(shapes, lr, momentum, wd, fe, chunk, beta2):
     a, b, *_ = run_side_by_side(
         lambda p: deepopt.M3(p, lr=lr, momentum=momentum, weight_decay=wd, nesterov=True, slow_weight=0.0,
