@@ -113,14 +113,20 @@ def build_deep(model, lr, seed=0, **kw):
 
 # Newton-Schulz in bf16 as torch Muon runs it, on CPU too (ns_dtype's CPU default is fp32): the
 # committed curves were made so, and the comparison with torch Muon keeps one precision.
+#: the Newton-Schulz form the committed results ran with (the recipes take the Gram form now, which
+#: trains the same: benchmarks/results/ns_step.json, "training"); the "-gram" variants run it
+NS_FORM = dict(ns_form="direct")
+
+
 def build_deep_ns(model, lr, aux_lr, seed=0, options=None, **kw):
     # one optimizer: DeepMomentum on the hidden matrices, an AdamW group (torch AdamW's betas) for the rest
     return deepopt.create_optimizer(model, "deep-ns", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, seed=seed,
-                                    ns_dtype="bfloat16", **(options or {}))
+                                    ns_dtype="bfloat16", **{**NS_FORM, **(options or {})})
 
 
-def build_m3(model, lr, aux_lr, **kw):
-    return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, ns_dtype="bfloat16")
+def build_m3(model, lr, aux_lr, options=None, **kw):
+    return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=aux_lr, adamw_beta2=0.999, ns_dtype="bfloat16",
+                                    **{**NS_FORM, **(options or {})})
 
 
 def build_mf_adamw(model, lr, mf_periods, **kw):
@@ -208,6 +214,10 @@ VARIANTS = {
     "deep-ns-mlr2": _ablation(memory_lr=2.0),
     "deep-ns-dot": _ablation(objective="dot", memory_lr=0.01),
     "deep-ns-h64": _ablation(hidden=64),
+    # the Gram form of Newton-Schulz (benchmarks/ns_step.py: does it train as the direct form?)
+    "deep-ns-gram": _ablation(ns_form="gram"),
+    "m3-gram": dict(build=lambda model, lr, aux_lr, **kw: build_m3(model, lr, aux_lr, dict(ns_form="gram")),
+                    grid=M3_GRID, aux=True, deepopt=True, options=dict(ns_form="gram")),
     **{f"{recipe}-wd{'-coupled' if not decoupled else ''}": _weight_decay(recipe, decoupled)
        for recipe in ("sgd", "delta", "deep") for decoupled in (True, False)},
 }

@@ -183,11 +183,12 @@ class DeepOptimizer(Optimizer):
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         return "foreach" if foreach else "forloop"
 
-    def _update(self, group, params, grads, states, implementation: str, amp=None, whole_matrices=False) -> None:
+    def _update(self, group, params, grads, states, implementation: str, amp=None, ns_group=False) -> None:
+        """Run the group's rule; ``ns_group`` (unless False) replaces the optimizer's process group."""
         rule, hyper = self._rule_of(group)
         hyper["state_dtype"] = group["state_dtype"]
-        if whole_matrices and "ns_group" in hyper:   # (the owner's own matrices, gathered from their shards)
-            hyper["ns_group"] = None
+        if ns_group is not False and "ns_group" in hyper:
+            hyper["ns_group"] = ns_group
         if implementation == "fused":
             fn = rule.cuda if group.get("fused_backend", "triton") == "cuda" else rule.fused
             fn(params, grads, states, amp=amp, **hyper)
@@ -269,10 +270,15 @@ class DeepOptimizer(Optimizer):
             grads = [g.to(resolve_state_dtype(group["state_dtype"], p)) for p, g in zip(params, grads)]
             if group.get("algorithm") != "adamw" and self._needs_whole_matrices(group) \
                     and any(map(_distributed.is_dtensor, params)):
-                _distributed.update_gathered(
-                    params, grads, states,
-                    lambda ps, gs, sts: self._update(group, ps, gs, sts, "forloop", whole_matrices=True),
-                    lambda p: self._group_state_spec(group, p))
+                shards = _distributed.row_shards(params)
+                if shards is not None:   # FSDP2: the rule on each rank's rows
+                    self._update(group, *_distributed.local_views(params, grads, states), "forloop",
+                                 ns_group=shards)
+                else:                    # the owner's matrices, gathered whole
+                    _distributed.update_gathered(
+                        params, grads, states,
+                        lambda ps, gs, sts: self._update(group, ps, gs, sts, "forloop", ns_group=None),
+                        lambda p: self._group_state_spec(group, p))
                 continue
             implementation = self._implementation(group, params)
             amp = None

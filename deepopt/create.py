@@ -44,9 +44,11 @@ RECIPES: dict[str, tuple[type, float, dict[str, Any], bool]] = {
     "adamw": (AssociativeMomentum, 1e-2, dict(momentum=0.9, beta2=0.999, preconditioner="adam"), False),
     "delta": (DeltaMomentum, 0.1, dict(momentum=0.9, delta=0.5), False),
     "deep": (DeepMomentum, 0.1, dict(momentum=0.9), False),
+    # ns_form="gram": the same Newton-Schulz to rounding in 0.7x the flops on wide matrices; it trains
+    # as the direct form (benchmarks/results/ns_step.json, "training")
     "deep-ns": (DeepMomentum, 1e-2, dict(momentum=0.95, dampening=0.95, nesterov=True, output="newton_schulz",
-                                         adjust_lr="original"), True),
-    "m3": (M3, 1e-2, dict(), True),
+                                         adjust_lr="original", ns_form="gram"), True),
+    "m3": (M3, 1e-2, dict(ns_form="gram"), True),
 }
 #: the AdamW part of the Newton-Schulz recipes
 ADAMW_DEFAULTS = dict(lr=1e-3, momentum=0.9, beta2=0.95, eps=1e-8)

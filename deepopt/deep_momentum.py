@@ -61,33 +61,40 @@ __all__ = ["DeepMomentum"]
 
 
 def _readout_of(p, g, u, state, *, lr, objective, output, key_norm, eps, memory_lr, memory_decay,
-                linear_memory, adjust_lr):
+                linear_memory, adjust_lr, shards=None, index=0):
     """From the linear read-out ``u`` to the memory's read-out before Newton-Schulz and the
-    update's lr (one param; the MLP memory takes its step here)."""
+    update's lr (one param; the MLP memory takes its step here). ``shards``: ``p`` is the
+    ``index``-th of a group's row shards (:class:`deepopt._distributed.RowShards`)."""
     if p.ndim < 2:
         return u, lr
     mlp_in, mlp_out = state["mlp_in"], state["mlp_out"]
     g_matrix = as_matrix(g).to(mlp_in.dtype)
+    shape = as_matrix(p).shape if shards is None else shards.shapes[index]
+    sums = None if shards is None else shards.sums
     # the MLP works in units of the gradient's rms row norm s: targets G/s, read-out s f(K);
     # eps is relative to s, so the rule is the same at every gradient scale
-    scale = g_matrix.square().sum(-1).mean().sqrt()
+    if sums is None:
+        scale = g_matrix.square().sum(-1).mean().sqrt()
+    else:
+        scale = (sums(g_matrix.square().sum()) / shape[0]).sqrt()
     tiny = torch.finfo(scale.dtype).tiny   # (a zero gradient gives zero keys, not 0/0)
     keys = Fn.row_keys(g_matrix, key_norm=key_norm, eps=eps * scale + tiny)
     unit = 1 / scale.clamp_min(tiny)
     Fn.mlp_memory_step_(mlp_in, mlp_out, keys, g_matrix * unit, objective=objective, memory_lr=memory_lr,
-                        memory_decay=memory_decay)
+                        memory_decay=memory_decay, sums=sums, rows=shape[0])
     deep = Fn.mlp_memory(keys, mlp_in, mlp_out).view(u.shape)
     u = u.add(deep * scale) if linear_memory else deep.mul(scale).to(u.dtype)   # (a tensor alpha would sync)
-    return u, Fn.adjust_lr(lr, adjust_lr, as_matrix(p).shape)
+    return u, Fn.adjust_lr(lr, adjust_lr, shape)
 
 
-def _outputs(params, updates, output, ns) -> list:
-    """The updates after the output map: Newton-Schulz of every matrix's in one batched call."""
+def _outputs(params, updates, output, ns, shards=None) -> list:
+    """The updates after the output map: Newton-Schulz of every matrix's in one call."""
     if output != "newton_schulz":
         return updates
     matrices = [i for i, p in enumerate(params) if p.ndim >= 2]
     updates = list(updates)
-    for i, x in zip(matrices, NS.orthogonalise_updates([updates[i] for i in matrices], **ns)):
+    shapes = None if shards is None else [shards.shapes[i] for i in matrices]
+    for i, x in zip(matrices, NS.orthogonalise_updates([updates[i] for i in matrices], shapes=shapes, **ns)):
         updates[i] = x
     return updates
 
@@ -97,18 +104,19 @@ def _single_tensor_deep_momentum(params, grads, states, *, lr, momentum, dampeni
     lr = _to_scalar(lr)
     lerp = dampening == momentum
     ns = NS.split_rule_options(rule)
+    shards = NS.row_shards_of(ns)
     updates, lrs = [], []
-    for p, grad, state in zip(params, grads, states):
+    for i, (p, grad, state) in enumerate(zip(params, grads, states)):
         g = Fn.decay_and_preprocess(p, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
                                     decoupled_weight_decay=decoupled_weight_decay)
         state["step"] += 1
         buf = state["momentum_buffer"]
         Fn.momentum_write_(buf, g, momentum, dampening, lerp=lerp)
         u = Fn.momentum_readout(g, buf, momentum, nesterov=nesterov, lerp=lerp)
-        u, step_lr = _readout_of(p, g, u, state, lr=lr, **rule)
+        u, step_lr = _readout_of(p, g, u, state, lr=lr, shards=shards, index=i, **rule)
         updates.append(u)
         lrs.append(step_lr)
-    for p, u, step_lr in zip(params, _outputs(params, updates, rule["output"], ns), lrs):
+    for p, u, step_lr in zip(params, _outputs(params, updates, rule["output"], ns, shards), lrs):
         p.add_(u, alpha=-step_lr)
 
 

@@ -320,24 +320,30 @@ def mlp_memory(keys: Tensor, mlp_in: Tensor, mlp_out: Tensor) -> Tensor:
 
 
 def _mlp_memory_grads(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor,
-                      objective: str) -> tuple[Tensor, Tensor, Tensor]:
+                      objective: str, sums=None, rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form gradients ``(dL/dA, dL/dB)`` of the MLP memory's inner objective and the
-    second moment of its hidden activations ``C = H^T H / r`` (the l2 objective's curvature in ``B``)."""
+    second moment of its hidden activations ``C = H^T H / r`` (the l2 objective's curvature in ``B``).
+    ``sums``: for row shards of the keys, an in-place sum over the shards (an all-reduce), and
+    ``rows`` the rows of all shards: the row means are then over the whole matrix."""
     z = keys @ mlp_in.mT
     hidden = F.silu(z)
-    rows = max(keys.shape[-2], 1)   # (an empty matrix: no rows, zero gradients)
+    rows = max(keys.shape[-2] if rows is None else rows, 1)   # (an empty matrix: no rows, zero gradients)
     if objective == "dot":
         d_out = target / -rows
     else:
         d_out = (hidden @ mlp_out.mT - target) / rows
     d_z = (d_out @ mlp_out) * silu_grad(z)
-    return d_z.mT @ keys, d_out.mT @ hidden, hidden.mT @ hidden / rows
+    grads = d_z.mT @ keys, d_out.mT @ hidden, hidden.mT @ hidden / rows
+    if sums is None:
+        return grads
+    flat = sums(torch.cat([t.reshape(-1) for t in grads]))
+    return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in grads]), grads))
 
 
 def _mlp_memory_steps(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, objective: str,
-                      memory_lr: float, memory_decay: float) -> tuple[Tensor, Tensor]:
+                      memory_lr: float, memory_decay: float, sums=None, rows=None) -> tuple[Tensor, Tensor]:
     """The steps ``(A - A', B - B')`` of :func:`mlp_memory_step_` (from the pre-step values)."""
-    d_in, d_out, curvature = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
+    d_in, d_out, curvature = _mlp_memory_grads(mlp_in, mlp_out, keys, target, objective, sums, rows)
     eta, lam = memory_lr, memory_decay
     d_in = d_in.add(mlp_in, alpha=lam)
     d_out = d_out.add(mlp_out, alpha=lam)
@@ -355,7 +361,8 @@ def _mlp_memory_steps(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Ten
 
 
 def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tensor, *,
-                     objective: str = "l2", memory_lr: float = 32.0, memory_decay: float = 0.0) -> None:
+                     objective: str = "l2", memory_lr: float = 32.0, memory_decay: float = 0.0, sums=None,
+                     rows: int | None = None) -> None:
     r"""One proximal (implicit) step of the MLP memory ``f`` on its own inner objective plus a
     ridge term ``lambda/2 (||A||^2 + ||B||^2)``. With ``r`` rows, ``k_i`` the keys, ``g_i`` the
     targets, ``h_i = silu(A k_i)``:
@@ -376,8 +383,11 @@ def mlp_memory_step_(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tens
     curvature taken as the scalar ``tr C + lambda`` (normalised LMS at small ``eta``); both tend
     to a finite step as ``eta`` grows. The explicit (normalised) step of the earlier releases fit
     ``B`` along ``C``'s top direction only, a ``1 / h`` of the rest. No autograd graph is built.
+    For row shards of the keys and targets (FSDP2): ``sums`` an in-place sum over the shards (an
+    all-reduce), ``rows`` the rows of all shards.
     """
-    step_in, step_out = _mlp_memory_steps(mlp_in, mlp_out, keys, target, objective, memory_lr, memory_decay)
+    step_in, step_out = _mlp_memory_steps(mlp_in, mlp_out, keys, target, objective, memory_lr, memory_decay,
+                                          sums, rows)
     mlp_in.sub_(step_in)
     mlp_out.sub_(step_out)
 
@@ -393,13 +403,18 @@ def mlp_memory_step(mlp_in: Tensor, mlp_out: Tensor, keys: Tensor, target: Tenso
 # Newton-Schulz lives in deepopt/newton_schulz.py (re-exported above)
 
 
-def rms(t: Tensor) -> Tensor:
-    """Root mean square over the last two dims (keepdim), of any dtype, in at least fp32."""
+def rms(t: Tensor, sums=None) -> Tensor:
+    """Root mean square over the last two dims (keepdim), of any dtype, in at least fp32.
+    ``sums``: for a shard of a 2-D matrix, an in-place sum over the shards (an all-reduce)."""
     t = t.to(torch.promote_types(t.dtype, torch.float32))
-    return t.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+    if sums is None:
+        return t.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+    total = sums(torch.stack([t.square().sum().double(), t.new_tensor(t.numel(), dtype=torch.float64)]))
+    return (total[0] / total[1].clamp_min(1)).sqrt().to(t.dtype).view(1, 1)
 
 
-def scale_free_precondition(u: Tensor, exp_avg_sq: Tensor, eps: float, like: Tensor | None = None) -> Tensor:
+def scale_free_precondition(u: Tensor, exp_avg_sq: Tensor, eps: float, like: Tensor | None = None,
+                            sums=None) -> Tensor:
     r"""M3's preconditioner without its ``1/|g|`` scale: divide by the second-moment root taken
     relative to its own RMS, then give the result the RMS of ``like`` (default ``u``).
 
@@ -410,13 +425,14 @@ def scale_free_precondition(u: Tensor, exp_avg_sq: Tensor, eps: float, like: Ten
     ``eps`` is relative to the typical ``sqrt(S)``: it caps a coordinate's weight at ``1/eps``
     times the typical one. The output does not depend on the gradient's scale, and scales with
     ``like`` as Muon's update does. A scalar factor of ``S`` (Adam's bias correction ``1 - beta2^t``)
-    cancels, so none is applied. Matrices ``(..., r, c)``; computed in fp32 or wider.
+    cancels, so none is applied. Matrices ``(..., r, c)``; computed in fp32 or wider. ``sums``: as
+    :func:`rms`, for row shards.
     """
     d = exp_avg_sq.sqrt()
     tiny = torch.finfo(d.dtype).tiny
-    d = d / rms(d).clamp_min(tiny)
+    d = d / rms(d, sums).clamp_min(tiny)
     v = u.to(d.dtype) / (d + eps)
-    return v * (rms(u if like is None else like) / rms(v).clamp_min(tiny))
+    return v * (rms(u if like is None else like, sums) / rms(v, sums).clamp_min(tiny))
 
 
 def adjust_lr(lr, mode: str | None, shape) -> float:

@@ -58,7 +58,7 @@ def _slow_memory_write_(state, *, chunk, slow_momentum):
     return slow
 
 
-def _m3_direction(x, state, *, slow_weight, precondition, eps):
+def _m3_direction(x, state, *, slow_weight, precondition, eps, sums=None):
     """From ``X = NS(readout(M1))`` to M3's update: add ``alpha O2``, precondition, and give the
     result X's RMS (Muon's), so the slow memory and the preconditioner set the direction and the
     lr keeps Muon's meaning. (A fixed RMS: where ``O1`` and ``alpha O2`` nearly cancel, what is
@@ -68,8 +68,8 @@ def _m3_direction(x, state, *, slow_weight, precondition, eps):
     u = x.add(state["slow_output"], alpha=slow_weight) if slow_weight != 0 else x
     if precondition:
         return Fn.scale_free_precondition(as_matrix(u), as_matrix(state["exp_avg_sq"]), eps,
-                                          like=as_matrix(x)).reshape(x.shape)
-    target, now = Fn.rms(as_matrix(x)), Fn.rms(as_matrix(u))
+                                          like=as_matrix(x), sums=sums).reshape(x.shape)
+    target, now = Fn.rms(as_matrix(x), sums), Fn.rms(as_matrix(u), sums)
     return u * (target / now.clamp_min(torch.finfo(now.dtype).tiny))
 
 
@@ -85,12 +85,15 @@ def _m3_updates(params, grads, states, *, momentum, nesterov, lerp, slow_momentu
         if boundary is not None:
             slow.append(boundary)
             slow_of.append(i)
-    outputs = NS.orthogonalise_updates(fast + slow, **ns)
+    shards = NS.row_shards_of(ns)   # (FSDP2: params are row shards)
+    shapes = [as_matrix(p).shape for p in params] if shards is None else shards.shapes
+    outputs = NS.orthogonalise_updates(fast + slow, shapes=shapes + [shapes[i] for i in slow_of], **ns)
     for i, slow_output in zip(slow_of, outputs[len(fast):]):
         states[i]["slow_output"].copy_(slow_output)
-    updates = [_m3_direction(x, state, slow_weight=slow_weight, precondition=precondition, eps=eps)
+    sums = None if shards is None else shards.sums
+    updates = [_m3_direction(x, state, slow_weight=slow_weight, precondition=precondition, eps=eps, sums=sums)
                for x, state in zip(outputs[:len(fast)], states)]
-    return updates, [Fn.adjust_lr(1.0, adjust_lr, as_matrix(p).shape) for p in params]
+    return updates, [Fn.adjust_lr(1.0, adjust_lr, shape) for shape in shapes]
 
 
 def _single_tensor_m3(params, grads, states, *, lr, momentum, dampening, weight_decay, maximize,

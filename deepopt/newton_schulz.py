@@ -256,12 +256,26 @@ def split_rule_options(rule: dict) -> dict:
     return {key: rule.pop(key) for key in RULE_OPTIONS}
 
 
+def row_shards_of(ns: dict):
+    """The :class:`deepopt._distributed.RowShards` a rule's ``ns_group`` holds (FSDP2), else None."""
+    from ._distributed import RowShards
+    return ns["ns_group"] if isinstance(ns["ns_group"], RowShards) else None
+
+
 def orthogonalise_updates(us: Sequence[Tensor], *, ns_steps: int, ns_dtype: str, ns_coefficients: str,
-                          ns_form: str, ns_group=None) -> list[Tensor]:
+                          ns_form: str, ns_group=None, shapes=None) -> list[Tensor]:
     """The rules' entry point: Newton-Schulz of each update (ndim >= 2, seen as ``(rows, rest)``)
-    in the dtype ``ns_dtype`` gives on its device, shaped as the update. With ``ns_group`` (the
-    ranks of a data-parallel job, which all hold every update), each matrix is computed by one
-    owner rank and the results are all-gathered (:func:`deepopt._distributed.orthogonalise_sharded`)."""
+    in the dtype ``ns_dtype`` gives on its device, shaped as the update. ``ns_group``: a process
+    group of data-parallel ranks, which all hold every update: each matrix is computed by one
+    owner rank and the results are all-gathered (:func:`deepopt._distributed.orthogonalise_sharded`);
+    or the :class:`~deepopt._distributed.RowShards` of FSDP2 params, ``us`` their row shards and
+    ``shapes`` the whole matrices' shapes."""
+    from ._distributed import RowShards
+    if isinstance(ns_group, RowShards):
+        matrices = [u.reshape(u.shape[0], math.prod(u.shape[1:])) for u in us]
+        out = ns_group.orthogonalise(matrices, shapes, steps=ns_steps, coefficients=ns_coefficients, form=ns_form,
+                                     dtype=resolve_ns_dtype(ns_dtype, us[0].device if us else torch.device("cpu")))
+        return [x.reshape(u.shape) for x, u in zip(out, us)]
     out: list[Tensor | None] = [None] * len(us)
     by_device: dict = {}
     for i, u in enumerate(us):

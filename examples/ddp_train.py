@@ -6,11 +6,13 @@
 
 A small MLP classifies two spirals; each rank takes its slice of every global batch. deepopt
 needs nothing distributed-specific: under DDP every rank sees the all-reduced gradients; under
-FSDP2 the elementwise rules (and DeltaMomentum's matrix keys) run on local shards, and the rules
-that need whole matrices (DeepMomentum's MLP and Newton-Schulz, M3) gather each matrix, one rank
-per matrix (round-robin) updates it and broadcasts it, and every rank keeps its shard.
+FSDP2 every rule runs on each rank's rows: DeepMomentum's MLP memory all-reduces its small
+gradients, and Newton-Schulz (DeepMomentum's, M3's) gathers each matrix on one owner rank,
+balanced by flops, and sends each rank its rows of the result. Under DDP, pass
+``process_group=dist.group.WORLD`` to a Newton-Schulz rule to split its work the same way.
 """
 
+import gc
 import os
 import sys
 
@@ -33,14 +35,28 @@ def main():
     lr = args.lr if args.lr is not None else default_lr(args.optimizer)
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
+    if args.global_batch % dist.get_world_size():
+        parser.error(f"--global-batch {args.global_batch} is not divisible by the world size {dist.get_world_size()}")
+    train(args, lr, backend)
+    # a clean shutdown: FSDP2's modules and their pending collectives sit in reference cycles.
+    # Left to the interpreter's last collection at exit, freeing them aborted a rank ("terminate
+    # called without an active exception", 3 runs in 50). Free them now, while every rank is alive,
+    # then wait for all ranks and destroy the group (docs/distributed.md, "Shutdown").
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(args, lr, backend):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu")
-    if args.global_batch % world:
-        parser.error(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
 
     torch.manual_seed(args.seed)   # same initial weights on every rank
     model = torch.nn.Sequential(torch.nn.Linear(2, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128),
@@ -93,8 +109,6 @@ def main():
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optim_state = get_state_dict(model, opt)
         dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(end)}, checkpoint_id=args.ckpt)
-    dist.barrier()   # no rank tears gloo down while a peer is still sending (an abort at exit otherwise)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

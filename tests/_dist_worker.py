@@ -1,13 +1,16 @@
 """Worker processes for tests/test_distributed.py: the same small model trained by every deepopt
-optimizer (and MultiFrequency) under DDP, FSDP2 and a DCP save/load, on CPU with gloo.
+optimizer (and MultiFrequency) under DDP, DDP with Newton-Schulz spread over the ranks, FSDP2 and
+DCP save / load across world sizes, on CPU with gloo.
 
-Each engine runs all configurations in one 2-process group and writes, per rank and config, the
-whole (gathered) parameters to ``out_dir``; the tests compare them across ranks and with a
-single-process run on the same global batch.
+Each engine runs all configurations in one process group of 2 or 4 ranks and writes, per rank
+and config, the whole (gathered) parameters to ``out_dir``, and for the Newton-Schulz configs the
+matrices each rank orthogonalised and the bytes it received per step; the tests compare them
+across ranks, with a single-process run on the same global batch and with the minimum.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import traceback
 
@@ -15,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 import deepopt
+from benchmarks.ns_step import Traffic
+from deepopt import newton_schulz as NS
 
 STEPS, GLOBAL_BATCH = 10, 8
 
@@ -32,11 +37,15 @@ CONFIGS = {
     "delta": lambda m: deepopt.DeltaMomentum(m.parameters(), lr=0.05, nesterov=True),
     "delta_elementwise": lambda m: deepopt.DeltaMomentum(m.parameters(), lr=0.05, keys="elementwise"),
     "deep": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.05, memory_lr=0.05),
-    "deep_ns_l2": lambda m: deepopt.DeepMomentum(m.parameters(), lr=0.02, objective="l2", output="newton_schulz",
-                                                 ns_dtype="float32"),
-    "m3": lambda m: deepopt.create_optimizer(m, "m3", lr=0.01, adamw_lr=1e-3, chunk=2, precondition=False),
+    "deep_ns_l2": lambda m, **kw: deepopt.DeepMomentum(m.parameters(), lr=0.02, objective="l2",
+                                                       output="newton_schulz", ns_dtype="float32", **kw),
+    "m3": lambda m, **kw: deepopt.create_optimizer(m, "m3", lr=0.01, adamw_lr=1e-3, chunk=2, precondition=False,
+                                                   ns_form="direct", **kw),
     # M3 at its defaults (lr 0.01, the scale-free preconditioner), a chunk boundary every 2 steps
-    "m3_preconditioned": lambda m: deepopt.create_optimizer(m, "m3", adamw_lr=1e-3, chunk=2),
+    "m3_preconditioned": lambda m, **kw: deepopt.create_optimizer(m, "m3", adamw_lr=1e-3, chunk=2, ns_form="direct",
+                                                                  **kw),
+    # the recipe's Gram form (on the 16 x 8 matrix), in fp32
+    "m3_gram": lambda m, **kw: deepopt.create_optimizer(m, "m3", adamw_lr=1e-3, chunk=2, ns_dtype="float32", **kw),
     "multifreq_adamw": lambda m: deepopt.MultiFrequency(torch.optim.AdamW(
         [{"params": m[0].parameters(), "update_every": 2},
          {"params": list(m[2].parameters()) + list(m[4].parameters())}], lr=0.01)),
@@ -44,10 +53,12 @@ CONFIGS = {
         [{"params": m[0].parameters(), "update_every": 3},
          {"params": list(m[2].parameters()) + list(m[4].parameters())}], lr=0.05)),
 }
-#: Newton-Schulz runs in bf16 (m3; deep_ns_l2 runs it in fp32: with its MLP memory at the default
-#: proximal rate a bf16 rounding flipped by the all-reduce order grew to 8e-4 in 10 steps): a last-bit
-#: difference in its input moves the result
-NS_CONFIGS = {"deep_ns_l2", "m3", "m3_preconditioned"}
+#: Newton-Schulz runs in bf16 in m3 (direct form; deep_ns_l2 and m3_gram run it in fp32: with the MLP
+#: memory at the default proximal rate, or with the Gram form, a bf16 rounding flipped by the
+#: all-reduce order grew to 8e-4 / 7e-5 in 10 steps): a last-bit difference in its input moves the result
+NS_CONFIGS = {"deep_ns_l2", "m3", "m3_preconditioned", "m3_gram"}
+#: the engines of one process group, in order (dcp_resume needs the other world size's checkpoints)
+ENGINES = ("ddp", "ddp_ns", "fsdp2", "dcp")
 
 
 def batches(steps=STEPS):
@@ -56,13 +67,15 @@ def batches(steps=STEPS):
             for _ in range(steps)]
 
 
-def train(model, opt, data, rank=0, world=1):
+def train(model, opt, data, rank=0, world=1, traffic=None):
     per_rank = GLOBAL_BATCH // world
     for x, y in data:
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
         opt.zero_grad()
         loss.backward()
+        if traffic is not None:
+            traffic.new_step()
         opt.step()
 
 
@@ -77,22 +90,6 @@ def single_process(name, steps=STEPS):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _count_rule_calls(opt):
-    """Count the rule's runs on whole gathered matrices (to see the round-robin split)."""
-    target = getattr(opt, "inner", opt)
-    calls = {"whole": 0}
-    if not hasattr(target, "_update"):   # a torch optimizer inside MultiFrequency
-        return calls
-    rule = target._update
-
-    def counting(group, params, grads, states, *args, **kw):
-        calls["whole"] += sum(1 for p in params if not hasattr(p, "full_tensor") and p.ndim >= 2)
-        return rule(group, params, grads, states, *args, **kw)
-
-    target._update = counting
-    return calls
-
-
 def shard(model, mesh):
     from torch.distributed.fsdp import fully_shard
     for layer in model:
@@ -102,33 +99,52 @@ def shard(model, mesh):
     return model
 
 
-def run(rank, world, engine, names, out_dir):
+def run(rank, world, engines, names, out_dir, resume_from=None):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/{engine}.store", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store-{world}-{engines[0]}", rank=rank,
+                            world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (world,))
-        for name in names:
-            try:
-                model = make_model()
-                if engine == "ddp":
-                    wrapped = torch.nn.parallel.DistributedDataParallel(model)
-                    opt = CONFIGS[name](model)
-                    train(wrapped, opt, batches(), rank, world)
-                elif engine == "fsdp2":
-                    opt = CONFIGS[name](shard(model, mesh))
-                    calls = _count_rule_calls(opt)
-                    train(model, opt, batches(), rank, world)
-                    torch.save(calls, os.path.join(out_dir, f"{engine}-{name}-rank{rank}-calls.pt"))
-                elif engine == "dcp":
-                    _dcp_save_then_continue(name, model, mesh, rank, world, out_dir)
-                result = [whole(p) for p in model.parameters()]
-            except Exception:   # reported by the test, per config
-                result = traceback.format_exc()
-            torch.save(result, os.path.join(out_dir, f"{engine}-{name}-rank{rank}.pt"))
-            dist.barrier()
+        for engine in engines:
+            for name in names:
+                if engine == "ddp_ns" and name not in NS_CONFIGS:
+                    continue
+                tag = f"{engine}-w{world}-{name}-rank{rank}"
+                try:
+                    result = _run_engine(engine, name, mesh, rank, world, out_dir, tag, resume_from)
+                except Exception:   # reported by the test, per config
+                    result = traceback.format_exc()
+                torch.save(result, os.path.join(out_dir, f"{tag}.pt"))
+                dist.barrier()
     finally:
+        # the clean shutdown of examples/ddp_train.py (docs/distributed.md, "Shutdown"): FSDP2's
+        # reference cycles collected while the interpreter is whole, then every rank done, then the group
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def _run_engine(engine, name, mesh, rank, world, out_dir, tag, resume_from):
+    model = make_model()
+    if engine in ("ddp", "ddp_ns"):
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        opt = CONFIGS[name](model, process_group=dist.group.WORLD) if engine == "ddp_ns" else CONFIGS[name](model)
+        with Traffic() as traffic:
+            train(wrapped, opt, batches(), rank, world, traffic)
+        torch.save(traffic.steps, os.path.join(out_dir, f"{tag}-traffic.pt"))
+    elif engine == "fsdp2":
+        opt = CONFIGS[name](shard(model, mesh))
+        with Traffic() as traffic:
+            train(model, opt, batches(), rank, world, traffic)
+        torch.save(traffic.steps, os.path.join(out_dir, f"{tag}-traffic.pt"))
+    elif engine == "dcp":
+        _dcp_save_then_continue(name, model, mesh, rank, world, out_dir)
+    elif engine == "dcp_resume":
+        opt = CONFIGS[name](shard(model, mesh))
+        _dcp_load(model, opt, os.path.join(out_dir, f"ckpt-w{resume_from}-{name}"))
+        train(model, opt, batches(2 * STEPS)[STEPS:], rank, world)
+    return [whole(p) for p in model.parameters()]
 
 
 def _dcp_save_then_continue(name, model, mesh, rank, world, out_dir):
@@ -140,29 +156,60 @@ def _dcp_save_then_continue(name, model, mesh, rank, world, out_dir):
     data = batches(2 * STEPS)
     train(model, opt, data[:STEPS], rank, world)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.save(state, checkpoint_id=os.path.join(out_dir, f"ckpt-{name}"))
+    dcp.save(state, checkpoint_id=os.path.join(out_dir, f"ckpt-w{world}-{name}"))
     train(model, opt, data[STEPS:], rank, world)
 
 
-def resume_single_process(name, out_dir):
-    """World size 1, no process group: load the 2-rank DCP checkpoint and take the last STEPS."""
+def _dcp_load(model, opt, checkpoint):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
 
+
+def resume_single_process(name, out_dir, saved_on=2):
+    """World size 1, no process group: load a DCP checkpoint saved on ``saved_on`` ranks and
+    take the last STEPS."""
     model = make_model()
     opt = CONFIGS[name](model)
-    checkpoint = os.path.join(out_dir, f"ckpt-{name}")
+    checkpoint = os.path.join(out_dir, f"ckpt-w{saved_on}-{name}")
     if name.startswith("multifreq"):
         # dcp.load fills a template in place, and a fresh wrapper has no inner state yet for groups
         # that have not stepped: convert the whole checkpoint instead
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         dcp_to_torch_save(checkpoint, checkpoint + ".pt")
         state = torch.load(checkpoint + ".pt", weights_only=False)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
     else:
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=checkpoint)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
+        _dcp_load(model, opt, checkpoint)
     train(model, opt, batches(2 * STEPS)[STEPS:])
     return [p.detach().clone() for p in model.parameters()]
+
+
+def single_process_traffic(name, steps=STEPS):
+    """The matrices one process orthogonalises per step (what the ranks share between them)."""
+    model = make_model()
+    opt = CONFIGS[name](model)
+    record = []
+    original = NS.orthogonalise
+
+    def counting(us, **kw):
+        record[-1] += [tuple(u.shape) for u in us]
+        return original(us, **kw)
+
+    NS.orthogonalise = counting
+    try:
+        for x, y in batches(steps):
+            record.append([])
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        NS.orthogonalise = original
+    return record

@@ -210,3 +210,26 @@ def test_weight_decay_variants_build_the_recipes_with_decoupled_and_coupled_deca
         assert isinstance(opt, torch.optim.Optimizer)
     coupled = O.build("sgd-wd-coupled", model, 0.1).param_groups[0]
     assert coupled["decoupled_weight_decay"] is False and coupled["weight_decay"] == O.WEIGHT_DECAY
+
+
+def test_ns_step_times_every_rule_and_counts_the_sharded_traffic():
+    """benchmarks/ns_step.py on a tiny model: every optimizer timed against torch Muon, and the
+    sharded runs orthogonalise each matrix once over the ranks and receive what they must."""
+    from benchmarks import ns_step
+    from deepopt import newton_schulz as NS
+    shapes = ns_step.block(16) * 2
+    one = ns_step.one_process(shapes, rounds=1, steps=1)
+    assert set(one) == set(ns_step.optimizer_makers()) and all(r["ms"] > 0 for r in one.values())
+    only = ns_step.ns_only(shapes, rounds=1)
+    assert only["gram form"]["gflop"] < only["per matrix"]["gflop"]
+    ranks = ns_step.ranks(shapes, world=2, steps=2)
+    total = sum(NS.ns_flops(s) for s in shapes)
+    for name in ns_step.RANK_OPTIMIZERS:
+        assert ranks[f"{name}/ddp"]["ns_flops_share_of_total"] == 1.0   # every rank does all
+        for layout in ("ddp_sharded", "fsdp2"):
+            row = ranks[f"{name}/{layout}"]
+            assert 0.5 <= row["ns_flops_share_of_total"] <= 0.5 + max(NS.ns_flops(s) for s in shapes) / total
+            assert 0 < row["received_bytes_max"] <= row["fsdp2_param_all_gather_bytes"]
+    result = dict(one_process={"tiny": one}, ranks={"2": ranks},
+                  single_thread_ms={n: one[n]["ms"] for n in ns_step.RANK_OPTIMIZERS})
+    assert "deep-ns (recipe: gram)" in ns_step.table(result) and "fsdp2" in ns_step.ranks_table(result)

@@ -223,11 +223,13 @@ def test_recipe_table_states_the_mlp_memory_the_recipes_run():
     for name in ("deep", "deep-ns"):
         assert "memory_lr" not in RECIPES[name][2]
     for page in ("README.md", "docs/optimizers.md"):
-        rows = {m.group(1): m.group(0) for m in re.finditer(r'^\| `"([a-z-]+)"` \|.*$',
+        rows = {m.group(1): m.group(0) for m in re.finditer(r'^\| `"([a-z0-9-]+)"` \|.*$',
                                                             (Path(__file__).parents[1] / page).read_text(), re.M)}
         assert f"`memory_lr` {defaults['memory_lr']:g}" in rows["deep"], rows["deep"]
         assert f"ridge {defaults['memory_decay']:g}" in rows["deep"], rows["deep"]
-        assert "as in `\"deep\"`" in rows["deep-ns"] and "pass `memory_lr=0` for torch Muon" in rows["deep-ns"]
+        assert "as in `\"deep\"`" in rows["deep-ns"] and "pass `memory_lr=0, ns_form=\"direct\"` for torch Muon" in rows["deep-ns"]
+        for name in ("deep-ns", "m3"):   # the rows name the recipes' Newton-Schulz form
+            assert f'`ns_form="{RECIPES[name][2]["ns_form"]}"`' in rows[name], rows[name]
 
 
 def test_nanogpt_weight_decay_no_longer_wrecks_sgd():
@@ -253,3 +255,30 @@ def test_nanogpt_weight_decay_no_longer_wrecks_sgd():
     coupled = final_loss(weight_decay=0.1, decoupled_weight_decay=False)
     assert decoupled <= 1.25 * none
     assert coupled >= 2 * decoupled
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason=f"torch {torch.__version__} has no torch.optim.Muon")
+def test_deep_ns_recipe_with_its_memory_off_and_the_direct_form_is_torch_muon():
+    """README: `create_optimizer(model, "deep-ns", memory_lr=0, ns_form="direct")` runs torch
+    Muon's rule on the hidden matrices, bit for bit (the recipe's Gram form is the same to rounding)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32, bias=False), torch.nn.Linear(32, 32, bias=False),
+                                torch.nn.Linear(32, 4, bias=False))
+    hidden = [model[0].weight, model[1].weight]
+    ours, theirs = [p.detach().clone().requires_grad_() for p in hidden], [p.detach().clone().requires_grad_() for p in hidden]
+    opt = deepopt.DeepMomentum(ours, lr=0.01, **{**RECIPES["deep-ns"][2], "memory_lr": 0.0, "ns_form": "direct",
+                                                 "ns_dtype": "bfloat16", "decoupled_weight_decay": True})
+    muon = torch.optim.Muon(theirs, lr=0.01, momentum=0.95, nesterov=True, weight_decay=0.0)
+    gram = deepopt.DeepMomentum([p.detach().clone().requires_grad_() for p in hidden], lr=0.01,
+                                **{**RECIPES["deep-ns"][2], "memory_lr": 0.0, "ns_dtype": "bfloat16"})
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in hidden]
+        for params in (ours, theirs, gram.param_groups[0]["params"]):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        opt.step(), muon.step(), gram.step()
+    for a, b, c in zip(ours, theirs, gram.param_groups[0]["params"]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, b, rtol=0, atol=2e-3)   # the Gram form: bf16 rounding apart
+

@@ -231,8 +231,8 @@ def _generated_tables():
     """(page, the table its result file gives now): each docs table of measured numbers is printed
     by the script that wrote the numbers, so a table edited by hand or a result file rerun
     without its page fails here."""
-    from benchmarks import (char_gpt, deep_memory, distributed_deviation, matched_lr, ns_dtype_cpu, report,
-                            robustness, step_cost)
+    from benchmarks import (char_gpt, deep_memory, distributed_deviation, matched_lr, ns_dtype_cpu, ns_step,
+                            report, robustness, step_cost)
     from examples.hope.results import sweep_and_ablate as hope
     return {
         "numerics: ns_dtype": ("docs/numerics.md", ns_dtype_cpu.table(
@@ -253,6 +253,9 @@ def _generated_tables():
         "matched-lr control": ("docs/benchmarks.md", matched_lr.table(_json("benchmarks/results/matched_lr.json"))),
         "matched-lr control (continual)": ("docs/benchmarks.md",
                                            matched_lr.continual_table(_json("benchmarks/results/matched_lr.json"))),
+        "ns step": ("docs/benchmarks.md", ns_step.table(_json("benchmarks/results/ns_step.json"))),
+        "ns ranks": ("docs/benchmarks.md", ns_step.ranks_table(_json("benchmarks/results/ns_step.json"))),
+        "ns training": ("docs/benchmarks.md", ns_step.training_table(_json("benchmarks/results/ns_step.json"))),
         "hope ablations": ("docs/hope.md", hope.table(_json("examples/hope/results/ablations.json"))),
         "hope continual": ("docs/hope.md", hope.continual_table(_json("examples/hope/results/ablations.json"))),
         "hope long context": ("docs/hope.md", hope.long_context_table(_json("examples/hope/results/ablations.json"))),
@@ -263,7 +266,8 @@ def _generated_tables():
                                   "deep memory ablation (README)",
                                   "benchmark summary", "step cost", "iteration cost", "char gpt", "char gpt (README)",
                                   "robustness", "robustness (README)", "matched-lr control",
-                                  "matched-lr control (continual)", "hope ablations", "hope continual",
+                                  "matched-lr control (continual)", "ns step", "ns ranks", "ns training",
+                                  "hope ablations", "hope continual",
                                   "hope long context"])
 def test_docs_tables_are_the_result_files(name):
     page, table = _generated_tables()[name]
@@ -279,3 +283,19 @@ def test_char_gpt_verdict_is_the_result_file(page):
     """The plain sentence on deep-ns against torch Muon, as benchmarks/char_gpt.py wrote it."""
     verdict = _json("benchmarks/results/char_gpt/char_gpt.json")["verdict"]
     assert verdict in " ".join(_text(ROOT / page).split()), verdict
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+def test_ns_step_summary_is_the_result_file(page):
+    from benchmarks import ns_step
+    sentence = ns_step.summary(_json("benchmarks/results/ns_step.json"))
+    assert sentence in " ".join(_text(ROOT / page).split()), sentence
+
+
+
+def test_readme_gram_form_training_numbers_are_the_result_file():
+    training = _json("benchmarks/results/ns_step.json")["training"]
+    text = " ".join(_text(ROOT / "README.md").split())
+    for rule in ("deep-ns", "m3"):
+        row = training[rule]
+        assert f"{row['paired_diff']:+.4f} ± {row['paired_ci']:.4f}" in text, rule

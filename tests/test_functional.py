@@ -198,3 +198,30 @@ def test_spectral_keys_decay_the_top_direction_by_delta():
         m = Fn.delta_forget_(top.clone(), g, 0.9, 0.6, keys=keys, eps=0.0)
         kept = (m * top).sum().item()
         assert abs(kept - expect) < 0.02, (keys, kept, expect)
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_row_shard_sums_give_the_whole_matrix_mlp_step_and_rms(objective):
+    """FSDP2 runs the MLP memory and the RMS values on each rank's rows and all-reduces their row
+    sums: emulated here with two shards in one process (the "all-reduce" adds the other shard's
+    partial sums), which must give the whole matrix's results."""
+    gen = torch.Generator().manual_seed(0)
+    keys, target = torch.randn(10, 6, generator=gen), torch.randn(10, 6, generator=gen)
+    keys = Fn.row_keys(keys)
+    mlp_in, mlp_out = torch.randn(4, 6, generator=gen), torch.randn(6, 4, generator=gen) * 0.1
+
+    def sharded(fn, first, second):
+        partial = []
+        fn(second, lambda t: partial.append(t.clone()) or t)   # the other shard's partial sums
+        others = iter(partial)
+        return fn(first, lambda t: t + next(others))
+
+    top, bottom = slice(0, 7), slice(7, 10)   # uneven shards, as torch.chunk gives
+    whole = Fn._mlp_memory_grads(mlp_in, mlp_out, keys, target, objective)
+    split = sharded(lambda rows, sums: Fn._mlp_memory_grads(mlp_in, mlp_out, keys[rows], target[rows], objective,
+                                                            sums, rows=10), top, bottom)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    u = torch.randn(10, 6, generator=gen)
+    split = sharded(lambda rows, sums: Fn.rms(u[rows], sums), top, bottom)
+    torch.testing.assert_close(split, Fn.rms(u), rtol=1e-6, atol=0)
