@@ -160,9 +160,9 @@ def orthogonalise(us: Sequence[Tensor], *, steps: int = 5, coefficients="muon", 
 
     ``batched``: run same-shape matrices on one device as one batch, ``(r, c)`` and ``(c, r)``
     together (one ``bmm`` / ``baddbmm`` chain instead of a launch per matrix). ``None``: on
-    CUDA. On CPU, where it measured no gain (0.96x on nanoGPT's matrices,
-    ``benchmarks/ns_step.py``) and the small-matrix batched kernel rounds differently from
-    ``mm``, each matrix runs torch Muon's 2-D op sequence, bit for bit. Batches keep each
+    CUDA. On CPU batches took 0.91x / 0.94x the per-matrix time on nanoGPT's / GPT-2's matrices
+    (``benchmarks/ns_step.py``), but CPU's small-matrix batched kernel rounds differently from
+    ``mm``: there each matrix runs torch Muon's 2-D op sequence, bit for bit. Batches keep each
     matrix's layout through the first step (a tall matrix is Muon's transposed view: the layout
     decides the products' rounding), then the layouts join one contiguous batch."""
     schedule, normaliser = coefficient_schedule(coefficients, steps)

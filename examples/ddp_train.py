@@ -71,7 +71,8 @@ def train(args, lr, backend):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         wrapped = fully_shard(model, mesh=mesh)
-    opt = build_optimizer(args.optimizer, model, lr)
+    # under DDP every rank holds every matrix: m3 splits its Newton-Schulz work over the ranks
+    opt = build_optimizer(args.optimizer, model, lr, process_group=dist.group.WORLD if args.engine == "ddp" else None)
 
     start = 0
     if args.ckpt and os.path.exists(os.path.join(args.ckpt, ".metadata")):

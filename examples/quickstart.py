@@ -31,13 +31,15 @@ def two_spirals(n, noise=0.1, seed=0):
     return x + noise * torch.randn(n, 2, generator=gen), label
 
 
-def build_optimizer(name, model, lr):
-    """deepopt.create_optimizer routes the params: matrices to the rule; for m3 the rest to AdamW."""
+def build_optimizer(name, model, lr, process_group=None):
+    """deepopt.create_optimizer routes the params: matrices to the rule; for m3 the rest to AdamW.
+    ``process_group`` (DDP): the ranks that share m3's Newton-Schulz work."""
     import deepopt
     if name == "multifreq":   # first layer updates every 4 steps on its summed gradients
         return deepopt.create_optimizer(model, "multifreq:deep", lr=lr, periods={r"^0\.": 4}, reduce="sum")
     if name == "m3":
-        return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=3e-3, precondition=False)
+        return deepopt.create_optimizer(model, "m3", lr=lr, adamw_lr=3e-3, precondition=False,
+                                        process_group=process_group)
     if name == "delta":
         return deepopt.create_optimizer(model, "delta", lr=lr, delta=0.3)
     return deepopt.create_optimizer(model, "sgd" if name == "associative" else name, lr=lr)
