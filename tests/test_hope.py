@@ -70,6 +70,39 @@ def test_streaming_state_equals_full_sequence():
         torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(memory="mlp"), dict(inner_momentum=0.9)])
+def test_a_state_saved_mid_document_resumes(kw, tmp_path):
+    """A checkpoint of the memory state taken mid-document, reloaded, continues as one long call."""
+    torch.manual_seed(4)
+    m = hm.HOPE(tiny(**kw)).double()
+    x = torch.randint(0, 17, (2, 40))
+    full = m(x)[0]
+    a, _, st = m(x[:, :24], return_state=True)
+    torch.save(hm.detach_state(st), tmp_path / "state.pt")
+    b = m(x[:, 24:], state=torch.load(tmp_path / "state.pt"))[0]
+    torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_a_state_of_another_batch_dtype_or_model_names_both_shapes():
+    torch.manual_seed(5)
+    m = hm.HOPE(tiny())
+    _, _, st = m(torch.randint(0, 17, (2, 8)), return_state=True)
+    with pytest.raises(ValueError, match=r"'conv': shape \(2, 3, 16\) does not match this model at batch size 3: "
+                                         r"expected \(3, 3, 16\)|shape \(2, .*expected \(3, "):
+        m(torch.randint(0, 17, (3, 8)), state=st)
+    with pytest.raises(ValueError, match="dtype torch.float64 does not match the model's torch.float32"):
+        m(torch.randint(0, 17, (2, 8)), state=[{k: (v.double() if torch.is_tensor(v) else v) for k, v in b.items()}
+                                              for b in st])
+    other = hm.HOPE(tiny(memory="mlp"))
+    with pytest.raises(ValueError, match="keys .* do not match this model's"):
+        other(torch.randint(0, 17, (2, 8)), state=st)
+    with pytest.raises(ValueError, match="expected a list of 2 block states"):
+        m(torch.randint(0, 17, (2, 8)), state=st[:1])
+    wider = hm.HOPE(tiny(n_embd=32))
+    with pytest.raises(ValueError, match=r"shape \(2, .*\) does not match this model at batch size 2: expected"):
+        wider(torch.randint(0, 17, (2, 8)), state=st)
+
+
 def test_gradients_reach_meta_learned_initial_states():
     torch.manual_seed(3)
     for kw in (dict(), dict(memory="mlp")):

@@ -319,6 +319,8 @@ class HOPE(nn.Module):
     def forward(self, idx, targets=None, state=None, return_state=False):
         """``state``: list of per-block memory states from a previous call (streaming)."""
         x = self.wte(idx)
+        if state is not None:
+            self.check_state(state, idx.shape[0], x.dtype)
         new_states = []
         for i, block in enumerate(self.blocks):
             x, st = block(x, None if state is None else state[i])
@@ -326,6 +328,29 @@ class HOPE(nn.Module):
         logits = self.lm_head(self.norm_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return (logits, loss, new_states) if return_state else (logits, loss)
+
+    def check_state(self, state, batch: int, dtype: torch.dtype) -> None:
+        """A state from another model, batch size or dtype raises a one-line ``ValueError``
+        naming the expected and the given shape (or dtype), before any memory is read."""
+        if not isinstance(state, (list, tuple)) or len(state) != len(self.blocks):
+            raise ValueError(f"state: expected a list of {len(self.blocks)} block states (model.forward(..., "
+                             f"return_state=True)), got {type(state).__name__} of length "
+                             f"{len(state) if hasattr(state, '__len__') else '?'}")
+        for i, (block, given) in enumerate(zip(self.blocks, state)):
+            want = block.titans.initial_state(batch)
+            want["conv"] = torch.empty(batch, self.cfg.conv_size - 1, self.cfg.n_embd) if self.cfg.conv_size > 1 else None
+            if not isinstance(given, dict) or set(given) != set(want):
+                keys = sorted(given) if isinstance(given, dict) else type(given).__name__
+                raise ValueError(f"state of block {i}: keys {keys} do not match this model's {sorted(want)}")
+            for key, w in want.items():
+                g = given[key]
+                if (w is None) != (g is None) or (w is not None and tuple(g.shape) != tuple(w.shape)):
+                    shape = None if g is None else tuple(g.shape)
+                    raise ValueError(f"state of block {i}, {key!r}: shape {shape} does not match this model at "
+                                     f"batch size {batch}: expected {None if w is None else tuple(w.shape)}")
+                if g is not None and g.dtype != dtype:
+                    raise ValueError(f"state of block {i}, {key!r}: dtype {g.dtype} does not match the model's "
+                                     f"{dtype}")
 
     def cms_levels(self):
         """[(period, [params])] of the CMS levels over all blocks (one entry per level)."""
