@@ -1,7 +1,7 @@
 """Data-parallel and sharded params: the whole-matrix rules (DeepMomentum, M3) across ranks.
 
 * DDP (every rank holds every param): :func:`orthogonalise_sharded` spreads Newton-Schulz
-  over the ranks, an owner per matrix, and all-gathers the results.
+  over the ranks, an owner per matrix, and broadcasts the results.
 * FSDP2 (DTensor row shards on a 1-D mesh): :class:`RowShards` runs the rule on each rank's
   rows, all-reduces the few row sums it needs and gathers each matrix on its owner only for
   Newton-Schulz (two all-to-alls).

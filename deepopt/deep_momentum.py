@@ -232,7 +232,7 @@ class DeepMomentum(DeepOptimizer):
             the same result to rounding, 0.7x the flops on matrices with an aspect ratio of 3-4).
         process_group: the data-parallel (DDP) ranks, which hold the same params and grads: each
             matrix's Newton-Schulz runs on one rank (balanced by flops) and the results are
-            all-gathered. ``None`` (default): each rank runs all. DTensor (FSDP2) params always
+            broadcast. ``None`` (default): each rank runs all. DTensor (FSDP2) params always
             spread the work over their mesh.
         ns_dtype: the dtype Newton-Schulz runs in: ``"auto"`` (bf16 where matmuls run natively in it;
             fp32 on other CPUs, where bf16 is emulated and slow), ``"bfloat16"`` (torch Muon's, needed for its exact reduction)

@@ -267,7 +267,7 @@ def orthogonalise_updates(us: Sequence[Tensor], *, ns_steps: int, ns_dtype: str,
     """The rules' entry point: Newton-Schulz of each update (ndim >= 2, seen as ``(rows, rest)``)
     in the dtype ``ns_dtype`` gives on its device, shaped as the update. ``ns_group``: a process
     group of data-parallel ranks, which all hold every update: each matrix is computed by one
-    owner rank and the results are all-gathered (:func:`deepopt._distributed.orthogonalise_sharded`);
+    owner rank and the results are broadcast (:func:`deepopt._distributed.orthogonalise_sharded`);
     or the :class:`~deepopt._distributed.RowShards` of FSDP2 params, ``us`` their row shards and
     ``shapes`` the whole matrices' shapes."""
     from ._distributed import RowShards
