@@ -101,8 +101,8 @@ def shard(model, mesh):
 
 def run(rank, world, engines, names, out_dir, resume_from=None):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store-{world}-{engines[0]}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store-{world}-{engines[0]}-{resume_from}",
+                            rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (world,))
@@ -110,7 +110,8 @@ def run(rank, world, engines, names, out_dir, resume_from=None):
             for name in names:
                 if engine == "ddp_ns" and name not in NS_CONFIGS:
                     continue
-                tag = f"{engine}-w{world}-{name}-rank{rank}"
+                source = f"-from{resume_from}" if engine == "dcp_resume" else ""
+                tag = f"{engine}{source}-w{world}-{name}-rank{rank}"
                 try:
                     result = _run_engine(engine, name, mesh, rank, world, out_dir, tag, resume_from)
                 except Exception:   # reported by the test, per config
@@ -168,6 +169,21 @@ def _dcp_load(model, opt, checkpoint):
     dcp.load(state, checkpoint_id=checkpoint)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def save_single_process(name, out_dir):
+    """World size 1, no process group: STEPS steps, a DCP checkpoint, STEPS more (written as
+    ``dcp-w1-<name>-rank0.pt``, for the resume on 2 ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    model = make_model()
+    opt = CONFIGS[name](model)
+    data = batches(2 * STEPS)
+    train(model, opt, data[:STEPS])
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=os.path.join(out_dir, f"ckpt-w1-{name}"))
+    train(model, opt, data[STEPS:])
+    torch.save([whole(p) for p in model.parameters()], os.path.join(out_dir, f"dcp-w1-{name}-rank0.pt"))
 
 
 def resume_single_process(name, out_dir, saved_on=2):

@@ -5,7 +5,7 @@ run on the same global batch within float tolerance (all-reduce order differs fr
 Newton-Schulz runs in bf16, where a last-bit input difference moves the output ~1e-3). For the
 Newton-Schulz rules: each matrix is orthogonalised once per step, on the owner the flop balance
 gives it, and each rank receives exactly the bytes it must (fewer than FSDP2's all-gather of the
-params). DCP checkpoints saved on 2 ranks resume on 1 and on 4, and those saved on 4 on 2.
+params). DCP checkpoints saved on 2 ranks resume on 1 and on 4, those saved on 4 or on 1 on 2.
 """
 
 import pytest
@@ -53,7 +53,9 @@ def _traffic(out_dir, tag, world):
 def engines_ran(out_dir):
     for world in WORLDS:
         mp.start_processes(W.run, args=(world, W.ENGINES, NAMES, str(out_dir)), nprocs=world, start_method="spawn")
-    for world, saved_on in ((4, 2), (2, 4)):
+    for name in RESHARD_NAMES:   # one process saves, 2 ranks resume
+        W.save_single_process(name, str(out_dir))
+    for world, saved_on in ((4, 2), (2, 4), (2, 1)):
         mp.start_processes(W.run, args=(world, ("dcp_resume",), RESHARD_NAMES, str(out_dir), saved_on),
                            nprocs=world, start_method="spawn")
     return True
@@ -152,11 +154,11 @@ def test_dcp_checkpoint_from_two_ranks_resumes_on_one(engines_ran, out_dir, name
         torch.testing.assert_close(a, b, **tolerance(name))
 
 
-@pytest.mark.parametrize("saved_on, resumed_on", [(2, 4), (4, 2)])
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 4), (4, 2), (1, 2)])
 @pytest.mark.parametrize("name", RESHARD_NAMES)
 def test_dcp_checkpoint_resumes_on_another_world_size(engines_ran, out_dir, name, saved_on, resumed_on):
     uninterrupted = _load(out_dir, f"dcp-w{saved_on}-{name}", saved_on)[0]
-    resumed = _load(out_dir, f"dcp_resume-w{resumed_on}-{name}", resumed_on)
+    resumed = _load(out_dir, f"dcp_resume-from{saved_on}-w{resumed_on}-{name}", resumed_on)
     for other in resumed[1:]:
         for a, b in zip(resumed[0], other):
             assert torch.equal(a, b)
