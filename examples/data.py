@@ -244,6 +244,43 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torc
     return w[:, :-1], w[:, 1:]
 
 
+class StreamBatches:
+    """Consecutive windows of ``data`` for stateful training (truncated backprop through time):
+    row ``b`` of each batch continues where row ``b`` of the last batch ended, so a model can
+    carry its memory state from one batch to the next. Each row restarts at a random offset
+    when it reaches the end of ``data`` and, with ``reset_prob``, before each window (random
+    reset lengths, geometric with mean ``seq_len / reset_prob``). :meth:`next` returns
+    ``(x, y, reset)``: inputs and targets ``(B, T)`` and the rows that restarted ``(B,)``, whose
+    carried state must start afresh. ``state_dict`` / ``load_state_dict`` resume the streams."""
+
+    def __init__(self, data, batch_size: int, seq_len: int, generator, reset_prob: float = 0.0):
+        import torch
+        if len(data) <= seq_len + 1:
+            raise ValueError(f"data of length {len(data)} is too short for seq_len={seq_len}")
+        if not 0.0 <= reset_prob <= 1.0:
+            raise ValueError(f"reset_prob must lie in [0, 1], got {reset_prob}")
+        self.data, self.seq_len, self.gen, self.reset_prob = data, seq_len, generator, reset_prob
+        self.cursor = torch.full((batch_size,), -1, dtype=torch.long)   # -1: not started
+
+    def next(self):
+        import torch
+        T, B = self.seq_len, len(self.cursor)
+        reset = (self.cursor < 0) | (self.cursor + T + 1 > len(self.data))
+        if self.reset_prob:
+            reset |= torch.rand(B, generator=self.gen) < self.reset_prob
+        fresh = torch.randint(len(self.data) - T - 1, (B,), generator=self.gen)
+        self.cursor = torch.where(reset, fresh, self.cursor)
+        w = self.data[self.cursor[:, None] + torch.arange(T + 1)]
+        self.cursor = self.cursor + T
+        return w[:, :-1], w[:, 1:], reset
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = state["cursor"].clone()
+
+
 def iter_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int, max_windows: int | None = None):
     """Non-overlapping windows of ``data`` (deterministic evaluation): all of them, or
     ``max_windows`` of them evenly spread over the whole of ``data``."""

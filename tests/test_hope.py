@@ -1,6 +1,7 @@
 """examples/hope: HOPE model, Transformer++ baseline, training script (tiny sizes, CPU)."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -101,6 +102,81 @@ def test_a_state_of_another_batch_dtype_or_model_names_both_shapes():
     wider = hm.HOPE(tiny(n_embd=32))
     with pytest.raises(ValueError, match=r"shape \(2, .*\) does not match this model at batch size 2: expected"):
         wider(torch.randint(0, 17, (2, 8)), state=st)
+
+
+def test_stream_batches_continue_each_row_and_restart_at_resets():
+    from examples.data import StreamBatches
+    data = torch.arange(1000)
+    stream = StreamBatches(data, 4, 16, torch.Generator().manual_seed(0), reset_prob=0.3)
+    x, y, reset = stream.next()
+    assert reset.all() and torch.equal(y, x + 1)   # every row starts fresh; targets are the next tokens
+    for _ in range(30):
+        before = stream.cursor.clone()
+        x, y, reset = stream.next()
+        assert torch.equal(x[~reset, 0], before[~reset]) and torch.equal(y, x + 1)
+        assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 15, dtype=torch.long))   # windows are contiguous
+    saved = stream.state_dict()
+    again = StreamBatches(data, 4, 16, torch.Generator().manual_seed(0))
+    again.load_state_dict(saved)
+    assert torch.equal(again.cursor, stream.cursor)
+    with pytest.raises(ValueError, match="reset_prob must lie in"):
+        StreamBatches(data, 4, 16, None, reset_prob=1.5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(memory="mlp"), dict(inner_momentum=0.9)])
+def test_reset_state_restores_the_initial_memory_of_the_reset_rows_only(kw):
+    torch.manual_seed(6)
+    m = hm.HOPE(tiny(**kw)).double()
+    x = torch.randint(0, 17, (3, 16))
+    _, _, st = m(x, return_state=True)
+    rows = torch.tensor([True, False, True])
+    out = hm.reset_state(m, st, rows)
+    fresh = m(x[:, 8:])[0]
+    carried = m(x[:, 8:], state=st)[0]
+    mixed = m(x[:, 8:], state=out)[0]
+    torch.testing.assert_close(mixed[rows], fresh[rows], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mixed[~rows], carried[~rows], rtol=1e-12, atol=1e-12)
+
+
+def test_steady_state_training_carries_the_memory_and_resumes(tmp_path, monkeypatch):
+    """--carry-state --tbptt-segments 2 --reset-prob: trains, records its options, and a run cut
+    by Ctrl-C mid-stream resumes with its streams and carried memory: the same history as one run."""
+    import signal
+
+    from examples.data import StreamBatches
+    from examples.hope import train
+    previous = signal.getsignal(signal.SIGINT)
+    path = _corpus(tmp_path)
+    base = ["--preset", "tiny", "--data", str(path), "--model", "hope", "--optimizer", "adamw", "--lr", "1e-2",
+            "--steps", "30", "--sample-chars", "0", "--quiet", "--device", "cpu", "--carry-state",
+            "--tbptt-segments", "2", "--reset-prob", "0.25"]
+    whole = train.main(base + ["--out", str(tmp_path / "whole")])["models"]["hope"]
+    assert whole["carry_state"] and whole["tbptt_segments"] == 2 and whole["reset_prob"] == 0.25
+    assert whole["history"][-1]["train_loss"] < whole["first_loss"] - 0.3
+    assert whole["history"][-1]["tokens"] == 30 * whole["batch_size"] * whole["seq_len"] * 2
+    calls = {"n": 0}
+    real_next = StreamBatches.next
+
+    def interrupting_next(self):
+        calls["n"] += 1
+        if calls["n"] == 23:   # a Ctrl-C during step 12 (two windows a step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_next(self)
+
+    try:
+        monkeypatch.setattr(StreamBatches, "next", interrupting_next)
+        with pytest.raises(SystemExit):
+            train.main(base + ["--out", str(tmp_path / "cut")])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    checkpoint = torch.load(tmp_path / "cut" / "hope.pt", weights_only=False)
+    assert checkpoint["step"] == 12 and checkpoint["memory_state"] is not None
+    monkeypatch.setattr(StreamBatches, "next", real_next)
+    try:
+        resumed = train.main(base + ["--out", str(tmp_path / "cut"), "--resume"])["models"]["hope"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in whole["history"]]
 
 
 def test_gradients_reach_meta_learned_initial_states():

@@ -367,6 +367,32 @@ class HOPE(nn.Module):
         return _generate(self, idx, max_new_tokens, temperature, top_k, crop=None)
 
 
+#: the batch dim of each state key (the generator MLPs stack their two memories first)
+_STATE_BATCH_DIM = {"kv_mlp_in": 1, "kv_mlp_out": 1}
+
+
+def reset_state(model, state, rows):
+    """``state`` with the ``rows`` (a ``(B,)`` bool mask) back at the model's initial state: the
+    meta-learned memories, zero momentum, an empty conv cache. Gradients still reach the
+    initial states through the reset rows."""
+    out = []
+    for block, st in zip(model.blocks, state):
+        B = rows.shape[0]
+        init = block.titans.initial_state(B)
+        new = {}
+        for key, value in st.items():
+            if value is None:
+                new[key] = None
+                continue
+            start = init.get(key)
+            start = torch.zeros_like(value) if start is None else start.to(value.dtype)
+            dim = _STATE_BATCH_DIM.get(key, 0)
+            mask = rows.to(value.device).view(*([1] * dim), B, *([1] * (value.ndim - dim - 1)))
+            new[key] = torch.where(mask, start, value)
+        out.append(new)
+    return out
+
+
 def detach_state(state):
     return [{k: (v.detach() if torch.is_tensor(v) else v) for k, v in st.items()} for st in state]
 

@@ -32,7 +32,7 @@ if __package__ in (None, ""):                     # `python examples/hope/train.
 # torch, deepopt and the model are imported inside the functions that use them: --help and
 # usage errors answer before they load
 from examples import cli
-from examples.data import get_batch, iter_eval_batches, load_shakespeare, load_text, DEFAULT_HOLDOUT
+from examples.data import StreamBatches, get_batch, iter_eval_batches, load_shakespeare, load_text, DEFAULT_HOLDOUT
 
 PRESETS = {
     # 2 CPU cores, <= 10 minutes for both models (500 steps x 4096 tokens each); threads=None: the
@@ -144,10 +144,11 @@ def build_configs(args, vocab_size):
 def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
     """Train one model; returns its record (also checkpointed to out/<kind>.pt)."""
     import torch
-    from examples.hope.model import build_model, count_params
+    from examples.hope.model import build_model, count_params, detach_state, reset_state
     p = args.preset_values
     device = args.device
     steps, bs, T = args.steps or p["steps"], args.batch_size or p["batch_size"], p["block_size"]
+    segments = args.tbptt_segments if args.carry_state else 1   # windows per step
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
@@ -155,7 +156,11 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p["warmup"], steps))
     gen = torch.Generator().manual_seed(args.seed)
     rec = {"kind": kind, "config": asdict(cfg), "params": count_params(model), "optimizer": args.optimizer,
-           "lr": lr, "steps": steps, "batch_size": bs, "seq_len": T, "history": [], "train_time_s": 0.0}
+           "lr": lr, "steps": steps, "batch_size": bs, "seq_len": T, "history": [], "train_time_s": 0.0,
+           "carry_state": args.carry_state, "tbptt_segments": segments, "reset_prob": args.reset_prob}
+    # --carry-state: each row reads its stream on, and the memory state passes from window to window
+    stream = StreamBatches(train_data, bs, T, gen, args.reset_prob) if args.carry_state else None
+    carried = None
     start = 0
     ckpt = out / f"{kind}.pt"
     if args.resume and ckpt.exists():
@@ -165,6 +170,9 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
         sched.load_state_dict(ck["scheduler"])
         gen.set_state(ck["data_rng"])
         torch.set_rng_state(ck["torch_rng"])
+        if stream is not None:
+            stream.load_state_dict(ck["stream"])
+            carried = ck["memory_state"]
         rec, start = ck["record"], ck["step"]
         print(f"[{kind}] resumed from {ckpt} at step {start}")
 
@@ -172,7 +180,9 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "data_rng": gen.get_state(),
                     "torch_rng": torch.get_rng_state(), "record": rec, "step": step,
-                    "config": asdict(cfg), "tokenizer": tok.state_dict()}, ckpt)
+                    "config": asdict(cfg), "tokenizer": tok.state_dict(),
+                    "stream": stream.state_dict() if stream is not None else None,
+                    "memory_state": carried}, ckpt)
 
     try:
         from tqdm import tqdm
@@ -193,10 +203,22 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
                       f"resume with: {_resume_command()}", flush=True)
                 raise SystemExit(130)
             t0 = time.perf_counter()
-            x, y = get_batch(train_data, bs, T, gen)
-            x, y = x.to(device), y.to(device)
-            loss = model(x, y)[1]
+            if stream is None:
+                x, y = get_batch(train_data, bs, T, gen)
+                x, y = x.to(device), y.to(device)
+                loss = model(x, y)[1]
+            else:   # truncated backprop through time: `segments` windows, one backward, then detach
+                loss = 0.0
+                for _ in range(segments):
+                    x, y, reset = stream.next()
+                    x, y = x.to(device), y.to(device)
+                    if carried is not None:   # restarted rows begin from the initial memory
+                        carried = reset_state(model, carried, reset)
+                    _, window_loss, carried = model(x, y, state=carried, return_state=True)
+                    loss = loss + window_loss / segments
             loss.backward()
+            if carried is not None:
+                carried = detach_state(carried)
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
@@ -210,12 +232,12 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
             loss_sum, loss_n = loss_sum + lv, loss_n + 1
             rec.setdefault("first_loss", lv)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{x.numel() / dt:,.0f}")
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{x.numel() * segments / dt:,.0f}")
             last = step + 1 == steps
             if (step + 1) % p["eval_every"] == 0 or last:
                 vl = evaluate(model, val_data, bs, T, p["final_eval_windows" if last else "eval_windows"], device)
                 tl = loss_sum / loss_n
-                rec["history"].append({"step": step + 1, "tokens": (step + 1) * bs * T, "train_loss": tl,
+                rec["history"].append({"step": step + 1, "tokens": (step + 1) * bs * T * segments, "train_loss": tl,
                                        "val_loss": vl, "val_bpc": vl / math.log(2), "time_s": t_train})
                 if hasattr(bar, "write"):
                     bar.write(f"[{kind}] step {step + 1}: train loss {tl:.4f} (mean of steps "
@@ -224,7 +246,7 @@ def train_one(kind, cfg, train_data, val_data, tok, args, out: Path, log: dict):
                 rec["train_time_s"] = t_train
                 save(step + 1)
     rec["train_time_s"] = t_train
-    rec["tokens_per_s"] = steps * bs * T / max(t_train, 1e-9)     # training steps only, no eval
+    rec["tokens_per_s"] = steps * bs * T * segments / max(t_train, 1e-9)     # training steps only, no eval
     rec["final_val_loss"] = rec["history"][-1]["val_loss"] if rec["history"] else None
     rec["final_val_bpc"] = rec["final_val_loss"] / math.log(2) if rec["final_val_loss"] is not None else None
     if args.sample_chars:
@@ -354,6 +376,15 @@ def parse_args(argv=None):
                     help="momentum of the linear memories' writes, in [0, 1) (0: none)")
     ap.add_argument("--inner-momentum-ema", action="store_true",
                     help="scale each inner step by 1 - momentum (an EMA of the steps: the total rate stays eta)")
+    ap.add_argument("--carry-state", action="store_true",
+                    help="steady-state training: each batch row reads a stream on, and HOPE's memory state "
+                         "passes from one window to the next (detached between steps)")
+    ap.add_argument("--tbptt-segments", type=cli.positive_int, default=1,
+                    help="with --carry-state: consecutive windows per step, backpropagated through together "
+                         "(1: the state is detached after every window)")
+    ap.add_argument("--reset-prob", type=cli.unit_interval, default=0.0,
+                    help="with --carry-state: chance that a row restarts at a random offset before a window "
+                         "(random reset lengths, mean block_size / p)")
     ap.add_argument("--out", default="out/hope", help="output folder (checkpoints, train_log.json, loss.png)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--sample-chars", type=cli.nonnegative_int, default=300,
