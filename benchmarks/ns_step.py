@@ -2,6 +2,7 @@
 
     python -m benchmarks.ns_step                   # -> benchmarks/results/ns_step.json (+ markdown tables)
     python -m benchmarks.ns_step --part training   # only 3.: the Gram form in training (~15 min)
+    python -m benchmarks.ns_step --part accuracy   # only the Gram form's bf16 accuracy (seconds)
 
 1. One process (all cores): one optimizer step on a fixed, non-zero gradient for every matrix of
    nanoGPT's baby GPT (6 layers, width 384) and of GPT-2 124M (width 768, 4 of its 12 layers, to
@@ -281,6 +282,27 @@ def single_thread(shapes, rounds, steps) -> dict:
         torch.set_num_threads(threads)
 
 
+def gram_accuracy(seeds=(0, 1, 2)) -> dict:
+    """bf16 Gram form against the bf16 direct form: each one's relative distance to the fp64
+    direct result (the exact iteration, tests/test_newton_schulz.py), on gradient-like matrices
+    (rank 4 plus noise), Muon's and Polar Express's coefficients; the ratio gram / direct."""
+    import torch
+
+    from deepopt import newton_schulz as NS
+    ratios = []
+    for seed in seeds:
+        for shape in [(64, 256), (300, 60), (7, 30), (384, 1536), (128, 384)]:
+            gen = torch.Generator().manual_seed(seed)
+            u = torch.randn(shape[0], 4, generator=gen) @ torch.randn(4, shape[1], generator=gen) \
+                + 0.1 * torch.randn(*shape, generator=gen)
+            for coefficients in NS.NS_COEFFICIENT_SETS:
+                exact = NS.orthogonalise([u.double()], coefficients=coefficients, dtype=torch.float64)[0]
+                error = {form: ((NS.orthogonalise([u], coefficients=coefficients, form=form)[0].double() - exact).norm()
+                                / exact.norm()).item() for form in NS.NS_FORMS}
+                ratios.append(error["gram"] / error["direct"])
+    return dict(cases=len(ratios), mean_ratio=sum(ratios) / len(ratios), max_ratio=max(ratios))
+
+
 #: the Gram form against the direct form in training: the char-level GPT of benchmarks/char_gpt.py
 TRAINING = {"deep-ns": "deep-ns-gram", "m3": "m3-gram"}
 
@@ -367,15 +389,16 @@ def main(argv=None):
     ap.add_argument("--steps", type=cli.positive_int, default=3, help="timed steps per optimizer and round")
     ap.add_argument("--worlds", default="2,4", help="rank counts of the sharded runs (comma-separated)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ns_step.json"), help="result file")
-    ap.add_argument("--part", default="all", choices=["all", "speed", "training"],
+    ap.add_argument("--part", default="all", choices=["all", "speed", "training", "accuracy"],
                     help="speed: the step times; training: the Gram form's char-GPT runs (kept in the same file)")
     ap.add_argument("--jobs", type=cli.positive_int, default=2, help="parallel training runs")
     args = ap.parse_args(argv)
-    if args.part == "training":
+    if args.part in ("training", "accuracy"):   # one part, kept in the same file
         result = json.loads(Path(args.out).read_text())
-        result["training"] = training(args.jobs)
+        result[args.part if args.part == "training" else "gram_accuracy"] = (
+            training(args.jobs) if args.part == "training" else gram_accuracy())
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(training_table(result))
+        print(training_table(result) if args.part == "training" else result["gram_accuracy"])
         return
     import torch
     result = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version(),
@@ -394,6 +417,7 @@ def main(argv=None):
     for world in (int(w) for w in args.worlds.split(",") if w):
         result["ranks"][str(world)] = ranks(shapes, world, args.rounds * args.steps)
         print(world, "ranks", {k: f"{v['ms']:.0f} ms" for k, v in result["ranks"][str(world)].items()}, flush=True)
+    result["gram_accuracy"] = gram_accuracy()
     if args.part == "all":
         result["training"] = training(args.jobs)
     elif Path(args.out).exists():   # --part speed keeps the training part of the file

@@ -28,7 +28,8 @@ Forms (``form=``):
   fewer flops than the direct form (``m > 1.5 n`` at 5 steps: ``4 n^2 m + 14 n^3`` against
   ``10 n^2 m + 5 n^3``). Equal to the direct form to rounding: ~2e-6 relative in fp32; in bf16
   its distance to the exact result was 1.2x the direct form's on average (2.7x at most) over 30
-  gradient-like matrices; ``tests/test_newton_schulz.py`` bounds it at 3x. Other shapes run direct.
+  gradient-like matrices (``python -m benchmarks.ns_step --part accuracy``);
+  ``tests/test_newton_schulz.py`` bounds it at 3x. Other shapes run direct.
 
 :func:`orthogonalise` runs a list of matrices, on CUDA the same-shape ones (a matrix and its
 transpose included) as one batched chain of ``bmm`` / ``baddbmm``.
