@@ -91,7 +91,7 @@ def _momentum_weights(beta: float, c: int, like):
 
 
 def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
-                        self_values=False, momentum=0.0, S=None):
+                        self_values=False, momentum=0.0, S=None, anchor=None):
     """Chunk-wise write of a linear memory over a sequence; returns ``(y, M_end)``, or
     ``(y, M_end, S_end)`` when a momentum state ``S`` is passed.
 
@@ -105,6 +105,12 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
     plain write). Inside a chunk both recurrences are linear, so the chunk stays parallel: with
     ``D[t, i] = prod_{i<u<=t} alpha_u`` and ``B[i, j] = beta^(i-j)``, token j's step enters M_t with
     weight ``(D B)[t, j]`` and the carried ``S_s`` with ``sum_i D[t, i] beta^i``.
+
+    ``anchor`` (shaped as M, or broadcastable; None: zero): retention pulls the memory toward the
+    anchor instead of toward zero, ``M_t = alpha_t M_{t-1} + (1 - alpha_t) anchor + step_t``, i.e.
+    the deviation ``M - anchor`` decays by alpha. With the meta-learned initial state as anchor a
+    memory streamed far past its training window keeps a fixed point it was trained near
+    (``anchor = 0`` is the plain write).
     """
     T = k.shape[-2]
     c = _check(objective, T, chunk_size)
@@ -126,13 +132,18 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
             carry = D @ B[:, :1] * momentum                              # sum_i D[t, i] beta^i (i from 1)
         else:
             W, carry = D, None
+        decaying = M if anchor is None else M - anchor                  # the part retention shrinks
         if q is not None:
             qc = q[..., s:s + c, :]
-            y = A.exp()[..., None] * linear_memory_read(M, qc) + ((qc @ kc.transpose(-1, -2)) * W) @ u
+            y = A.exp()[..., None] * linear_memory_read(decaying, qc) + ((qc @ kc.transpose(-1, -2)) * W) @ u
+            if anchor is not None:
+                y = y + linear_memory_read(anchor, qc)
             if carry is not None:
                 y = y + carry * linear_memory_read(S, qc)
             ys.append(y)
-        M_next = A[..., -1].exp()[..., None, None] * M + (u * W[..., -1, :, None]).transpose(-1, -2) @ kc
+        M_next = A[..., -1].exp()[..., None, None] * decaying + (u * W[..., -1, :, None]).transpose(-1, -2) @ kc
+        if anchor is not None:
+            M_next = M_next + anchor
         if S is not None:
             M_next = M_next + carry[..., -1, :, None] * S
             S = momentum ** n * S + (u * B[-1, :, None]).transpose(-1, -2) @ kc
@@ -142,7 +153,7 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
 
 
 def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
-                            self_values=False, momentum=0.0, S=None):
+                            self_values=False, momentum=0.0, S=None, anchor=None):
     """Token-by-token loop with the chunk-start semantics of :func:`linear_memory_write`."""
     T = k.shape[-2]
     c = _check(objective, T, chunk_size)
@@ -156,7 +167,8 @@ def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, obj
         if S is not None:
             S = momentum * S + step
             step = S
-        M = alpha[..., t, None, None] * M + step
+        at = alpha[..., t, None, None]
+        M = at * M + step if anchor is None else at * M + (1 - at) * anchor + step
         if q is not None:
             ys.append((M @ q[..., t, :, None])[..., 0])
     y = torch.stack(ys, dim=-2) if q is not None else None

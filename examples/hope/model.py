@@ -66,6 +66,9 @@ class HopeConfig:
     inner_momentum: float = 0.0      # momentum beta of the linear memories' writes (0: none; the
                                      # paper's "w/o momentum" ablation is 0)
     inner_momentum_ema: bool = False # scale each step by 1 - beta (an EMA: the same total rate)
+    anchor_init: float | None = None # retention toward the meta-learned initial state: a learned
+                                     # per-head gate g in [0, 1] (starting here), the linear memories
+                                     # decay toward g M_0 instead of 0; None: no gate (g = 0)
     kind: str = "hope"
 
 
@@ -78,6 +81,8 @@ class TransformerConfig:
     n_head: int = 4
     d_ff: int = 512
     rope_base: float = 10000.0
+    window: int | None = None        # sliding-window attention: each token sees its last `window`
+                                     # positions (itself included); None: full causal attention
     kind: str = "transformer"
 
 
@@ -131,6 +136,9 @@ class SelfModifyingTitans(nn.Module):
         self.objective = cfg.objective or ("dot" if cfg.memory == "linear" else "l2")
         if cfg.inner_momentum and cfg.memory == "mlp":
             raise ValueError("inner_momentum is for linear memories (--memory linear)")
+        if cfg.anchor_init is not None and not (cfg.memory == "linear" and 0.0 < cfg.anchor_init < 1.0):
+            raise ValueError(f"anchor_init must lie in (0, 1) and is for linear memories (--memory linear), "
+                             f"got {cfg.anchor_init} with memory={cfg.memory!r}")
         D, H = cfg.n_embd, cfg.n_head
         dh = D // H
         self.dh = dh
@@ -159,6 +167,10 @@ class SelfModifyingTitans(nn.Module):
             self.mem_mlp_in = nn.Parameter(torch.randn(H, cfg.memory_hidden, dh) / math.sqrt(dh))
         else:
             self.mem_init = nn.Parameter(eye + small(H, dh, dh))
+        if cfg.anchor_init is not None:   # logit of each linear memory's per-head anchor gate
+            logit = math.log(cfg.anchor_init / (1 - cfg.anchor_init))
+            self.anchor_logit = nn.ParameterDict({key: nn.Parameter(torch.full((H, 1, 1), logit))
+                                                  for key in ("gen", "mem") if hasattr(self, f"{key}_init")})
 
     # -- state ---------------------------------------------------------------------------
     def initial_state(self, B):
@@ -183,7 +195,10 @@ class SelfModifyingTitans(nn.Module):
         return st
 
     def _linear_write(self, st, new, key, k, v, eta, alpha, q=None, **kw):
-        """One linear memory's write, through its momentum state when it has one."""
+        """One linear memory's write, through its momentum state when it has one, its retention
+        pulling toward the gated initial state when the model has the anchor gate."""
+        if self.cfg.anchor_init is not None:
+            kw["anchor"] = torch.sigmoid(self.anchor_logit[key]) * getattr(self, f"{key}_init")
         if f"{key}_momentum" in st:
             if self.cfg.inner_momentum_ema:   # S is an EMA of the steps: the total rate stays eta
                 eta = eta * (1 - self.cfg.inner_momentum)
@@ -420,7 +435,12 @@ class Attention(nn.Module):
         q, k, v = self.w_qkv(x).split(x.shape[-1], dim=-1)
         q, k, v = _heads(q, H), _heads(k, H), _heads(v, H)
         q, k = _rope(q, self.cfg.rope_base), _rope(k, self.cfg.rope_base)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        T, w = x.shape[1], self.cfg.window
+        if w is None or w >= T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            gap = torch.arange(T, device=x.device)[:, None] - torch.arange(T, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=(gap >= 0) & (gap < w))
         return self.w_o(_merge(y))
 
 

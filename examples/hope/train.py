@@ -137,7 +137,8 @@ def build_configs(args, vocab_size):
                       memory=args.memory, chunk_size=args.chunk_size,
                       gen_chunk_size=args.gen_chunk_size, cms_periods=tuple(args.cms_periods),
                       cms=not args.no_cms, self_modifying=not args.no_self_mod,
-                      inner_momentum=args.inner_momentum, inner_momentum_ema=args.inner_momentum_ema)
+                      inner_momentum=args.inner_momentum, inner_momentum_ema=args.inner_momentum_ema,
+                      anchor_init=args.anchor_init)
     return {"hope": hcfg, "transformer": matched_transformer_config(hcfg)}
 
 
@@ -376,6 +377,9 @@ def parse_args(argv=None):
                     help="momentum of the linear memories' writes, in [0, 1) (0: none)")
     ap.add_argument("--inner-momentum-ema", action="store_true",
                     help="scale each inner step by 1 - momentum (an EMA of the steps: the total rate stays eta)")
+    ap.add_argument("--anchor-init", type=cli.open_unit_interval, default=None,
+                    help="learned per-head gate g, starting here, in (0, 1): the linear memories' retention "
+                         "decays toward g x their meta-learned initial state instead of toward zero")
     ap.add_argument("--carry-state", action="store_true",
                     help="steady-state training: each batch row reads a stream on, and HOPE's memory state "
                          "passes from one window to the next (detached between steps)")

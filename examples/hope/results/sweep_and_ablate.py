@@ -44,12 +44,15 @@ def run_dir(runs: Path, model: str, flags: list[str], lr: float, seed: int, step
     return runs / f"{model}_{tag}{kind}lr{lr:g}_steps{steps}_seed{seed}"
 
 
-def train(runs: Path, model: str, flags: list[str], lr: float, seed: int, steps: int, preset: str) -> dict:
+def train(runs: Path, model: str, flags: list[str], lr: float, seed: int, steps: int, preset: str,
+          cache_dir: str | None = None) -> dict:
     out = run_dir(runs, model, flags, lr, seed, steps, preset)
     log = out / "train_log.json"
     if not log.exists():
         cmd = [sys.executable, "examples/hope/train.py", "--model", model, "--lr", f"{lr:g}", "--seed", str(seed),
                "--steps", str(steps), "--threads", "1", "--quiet", "--out", str(out), "--preset", preset, *flags]
+        if cache_dir is not None:
+            cmd += ["--cache-dir", str(cache_dir)]
         print("+", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     rec = json.loads(log.read_text())["models"][model]
@@ -145,7 +148,7 @@ def main(argv=None):
                     after_training, "examples/hope/continual.py", d, Path(d) / "continual.json",
                     ["--model", model, "--continual"])
                 jobs[("long", name, s)] = pool.submit(
-                    after_training, "examples/hope/results/long_context.py", d, Path(d) / "long_context.json", [])
+                    after_training, "examples/hope/long_context.py", d, Path(d) / "long_context.json", ["--threads", "1"])
         for (stage, name, s), job in jobs.items():
             res = job.result()
             if stage == "continual":
