@@ -63,6 +63,14 @@ def _check(objective, T, chunk_size):
     return max(c, 1)
 
 
+def _chunks(c, k, v, eta, alpha, q):
+    """Per chunk of ``c`` tokens: (k, v, eta, alpha, q or None). Split, not sliced: a slice's
+    backward writes a zero tensor of the whole sequence, T/c of them would cost O(T^2)."""
+    parts = [t.split(c, dim=-2) for t in (k, v)] + [t.split(c, dim=-1) for t in (eta, alpha)]
+    parts.append(q.split(c, dim=-2) if q is not None else [None] * len(parts[0]))
+    return zip(*parts)
+
+
 def _decays(alpha):
     """Log-cumulative retention of a chunk: A_t = sum_{u<=t} log alpha_u, (..., c)."""
     return torch.cumsum(torch.log(alpha.clamp_min(1e-12)), dim=-1)
@@ -119,8 +127,7 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
     if momentum and S is None:
         raise ValueError("momentum > 0 needs its state S (zeros shaped as M to start)")
     ys = []
-    for s in range(0, T, c):
-        kc, vc, ec, ac = k[..., s:s + c, :], v[..., s:s + c, :], eta[..., s:s + c], alpha[..., s:s + c]
+    for kc, vc, ec, ac, qc in _chunks(c, k, v, eta, alpha, q):
         n = kc.shape[-2]
         vhat = linear_memory_read(M, vc) if self_values else vc
         u = ec[..., None] * (vhat - linear_memory_read(M, kc))          # eta_j (v_hat_j - M_s k_j)
@@ -134,7 +141,6 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
             W, carry = D, None
         decaying = M if anchor is None else M - anchor                  # the part retention shrinks
         if q is not None:
-            qc = q[..., s:s + c, :]
             y = A.exp()[..., None] * linear_memory_read(decaying, qc) + ((qc @ kc.transpose(-1, -2)) * W) @ u
             if anchor is not None:
                 y = y + linear_memory_read(anchor, qc)
@@ -196,8 +202,7 @@ def mlp_memory_write(mlp_in, mlp_out, k, v, eta, alpha, q=None, *, chunk_size=No
     T = k.shape[-2]
     c = _check(objective, T, chunk_size)
     ys = []
-    for s in range(0, T, c):
-        kc, vc, ec, ac = k[..., s:s + c, :], v[..., s:s + c, :], eta[..., s:s + c], alpha[..., s:s + c]
+    for kc, vc, ec, ac, qc in _chunks(c, k, v, eta, alpha, q):
         z = kc @ mlp_in.transpose(-1, -2)                               # (.., c, h)
         a = F.silu(z)
         vhat = mlp_memory_read(mlp_in, mlp_out, vc) if self_values else vc
@@ -209,7 +214,6 @@ def mlp_memory_write(mlp_in, mlp_out, k, v, eta, alpha, q=None, *, chunk_size=No
         u2 = ec[..., None] * u2
         A = _decays(ac)
         if q is not None:
-            qc = q[..., s:s + c, :]
             D, dec = _intra(A), A.exp()[..., None]
             zq = dec * (qc @ mlp_in.transpose(-1, -2)) - ((qc @ kc.transpose(-1, -2)) * D) @ u2
             aq = F.silu(zq)

@@ -270,16 +270,22 @@ class SelfModifyingTitans(nn.Module):
             k_all, v_all = F.normalize(kv[:, :H], dim=-1), F.normalize(kv[:, H:], dim=-1)
             ea = self.w_ea(xc).view(B, T, H, 2).permute(0, 2, 1, 3)
             eta_all, alpha_all = self._rates(ea[..., 0], ea[..., 1])
-        ys = []
         G = cfg.gen_chunk_size
-        for s in range(0, T, G):
+        # split, not sliced per chunk: a slice's backward writes a zero tensor of the whole sequence,
+        # so T/G slices would cost O(T^2); split's backward is one concatenation
+        queries = q.split(G, dim=2)
+        if cfg.self_modifying:
+            inputs = xh.split(G, dim=2)
+        else:
+            given = list(zip(*(t.split(G, dim=2) for t in (k_all, v_all, eta_all, alpha_all))))
+        ys = []
+        for i, qc in enumerate(queries):
             if cfg.self_modifying:
-                k, v, eta, alpha = self._generate(st, xh[:, :, s:s + G])
+                k, v, eta, alpha = self._generate(st, inputs[i])
                 st = self._write_generators(st, k, v, eta, alpha)
             else:
-                k, v, eta, alpha = (k_all[:, :, s:s + G], v_all[:, :, s:s + G],
-                                    eta_all[:, :, s:s + G], alpha_all[:, :, s:s + G])
-            y, st = self._read_write_mem(st, q[:, :, s:s + G], k, v, eta, alpha)
+                k, v, eta, alpha = given[i]
+            y, st = self._read_write_mem(st, qc, k, v, eta, alpha)
             ys.append(y)
         y = torch.cat(ys, dim=2)
         y = F.rms_norm(y, (self.dh,))                    # per-head output norm
