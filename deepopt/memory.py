@@ -29,6 +29,12 @@ second time: for a linear memory the two objectives give the same closed form:
 
     M_end = (prod alpha) M_s + sum_t (prod_{u>t} alpha_u) eta_t (v_hat_t - M_s k_t) k_t^T
 
+Without momentum a linear chunk's write is affine in its start state, ``M_end = M_s P + b``, so
+:func:`linear_memory_write` builds the maps and reads of all chunks as batched matmuls and passes
+the state from chunk to chunk with one small matmul each (the chunkwise form of linear attention
+and DeltaNet); with momentum it loops over the chunks. With an ``anchor`` the retention pulls
+toward the anchor instead of zero (``M_t = alpha_t M_{t-1} + (1 - alpha_t) anchor + step``).
+
 Residual 2-layer MLP memory ``m(x) = x + mlp_out silu(mlp_in x)`` (``mlp_in``: h x d, the first
 layer; ``mlp_out``: d x h; the same names and order as DeepMomentum's MLP memory): with
 ``z = mlp_in k``, ``a = silu(z)`` and ``e = dL/dm`` (``-v_hat`` for dot, ``m(k) - v_hat`` for l2)
@@ -126,19 +132,25 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
         raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
     if momentum and S is None:
         raise ValueError("momentum > 0 needs its state S (zeros shaped as M to start)")
+    if S is None and T > c:
+        return _linear_chunkwise_write(M, k, v, eta, alpha, q, c, self_values, anchor)
     ys = []
     for kc, vc, ec, ac, qc in _chunks(c, k, v, eta, alpha, q):
         n = kc.shape[-2]
         vhat = linear_memory_read(M, vc) if self_values else vc
         u = ec[..., None] * (vhat - linear_memory_read(M, kc))          # eta_j (v_hat_j - M_s k_j)
         A = _decays(ac)
-        D = _intra(A)
         if S is not None:
+            D = _intra(A)
             B = _momentum_weights(momentum, n, u)
             W = D @ B                                                    # weight of token j in M_t
             carry = D @ B[:, :1] * momentum                              # sum_i D[t, i] beta^i (i from 1)
-        else:
-            W, carry = D, None
+            W_end = W[..., -1, :]
+        elif q is not None:
+            W, carry = _intra(A), None
+            W_end = W[..., -1, :]
+        else:                       # a write without reads needs only the last row of D
+            carry, W_end = None, (A[..., -1:] - A).exp()
         decaying = M if anchor is None else M - anchor                  # the part retention shrinks
         if q is not None:
             y = A.exp()[..., None] * linear_memory_read(decaying, qc) + ((qc @ kc.transpose(-1, -2)) * W) @ u
@@ -147,7 +159,7 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
             if carry is not None:
                 y = y + carry * linear_memory_read(S, qc)
             ys.append(y)
-        M_next = A[..., -1].exp()[..., None, None] * decaying + (u * W[..., -1, :, None]).transpose(-1, -2) @ kc
+        M_next = A[..., -1].exp()[..., None, None] * decaying + (u * W_end[..., None]).transpose(-1, -2) @ kc
         if anchor is not None:
             M_next = M_next + anchor
         if S is not None:
@@ -156,6 +168,59 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
         M = M_next
     y = torch.cat(ys, dim=-2) if q is not None else None
     return (y, M) if S is None else (y, M, S)
+
+
+def _pass_state(M, P, b):
+    """States at the start of each chunk and after the last, ``M_{n+1} = M_n P_n + b_n`` with the
+    maps along dim -3: one small matmul per chunk (a log-depth prefix scan does N log N matmul
+    work, slower on the CPU)."""
+    starts = [M]
+    for P_n, b_n in zip(P.unbind(-3), b.unbind(-3)):
+        starts.append(starts[-1] @ P_n + b_n)
+    return torch.stack(starts[:-1], dim=-3), starts[-1]
+
+
+def _linear_chunkwise_write(M, k, v, eta, alpha, q, c, self_values, anchor):
+    """:func:`linear_memory_write` without momentum, all chunks at once. A chunk's write is affine
+    in its start state, ``M_next = M_s P + b`` with ``P = keep I + E^T k`` (self values,
+    ``E = (eta w) (v - k)``) or ``keep I - ((eta w) k)^T k`` with ``b = ((eta w) v)^T k`` (given
+    values), ``w_j = prod_{j<u<=c} alpha_u``, ``keep = prod alpha``, plus ``(1 - keep) anchor``:
+    the maps of all chunks are batched matmuls, the state passes from chunk to chunk with one
+    matmul each, and then the reads of all chunks are batched again. The sequence is padded to whole chunks with tokens that
+    neither write (eta = 0) nor decay (alpha = 1)."""
+    T, dk = k.shape[-2], k.shape[-1]
+    N = -(-T // c)
+    pad = N * c - T
+    if pad:
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        eta, alpha = F.pad(eta, (0, pad)), F.pad(alpha, (0, pad), value=1.0)
+        q = F.pad(q, (0, 0, 0, pad)) if q is not None else None
+    lead = k.shape[:-2]
+    kc, vc = k.reshape(*lead, N, c, dk), v.reshape(*lead, N, c, v.shape[-1])
+    ec, A = eta.reshape(*lead, N, c), _decays(alpha.reshape(*lead, N, c))
+    keep = A[..., -1].exp()[..., None, None]                            # (.., N, 1, 1)
+    w = (A[..., -1:] - A).exp() * ec                                    # eta_j prod_{j<u<=c} alpha_u
+    eye = torch.eye(dk, dtype=k.dtype, device=k.device)
+    if self_values:
+        P = keep * eye + (w[..., None] * (vc - kc)).transpose(-1, -2) @ kc
+        b = torch.zeros_like(M).unsqueeze(-3).expand(*P.shape[:-2], *M.shape[-2:])
+    else:
+        P = keep * eye - (w[..., None] * kc).transpose(-1, -2) @ kc
+        b = (w[..., None] * vc).transpose(-1, -2) @ kc
+    if anchor is not None:
+        b = b + (1 - keep) * anchor.unsqueeze(-3)
+    starts, M_end = _pass_state(M, P, b)
+    if q is None:
+        return None, M_end
+    qc = q.reshape(*lead, N, c, dk)
+    vhat = linear_memory_read(starts, vc) if self_values else vc
+    u = ec[..., None] * (vhat - linear_memory_read(starts, kc))
+    decaying = starts if anchor is None else starts - anchor.unsqueeze(-3)
+    y = A.exp()[..., None] * linear_memory_read(decaying, qc) + ((qc @ kc.transpose(-1, -2)) * _intra(A)) @ u
+    if anchor is not None:
+        y = y + linear_memory_read(anchor.unsqueeze(-3), qc)
+    y = y.reshape(*lead, N * c, y.shape[-1])
+    return (y[..., :T, :] if pad else y), M_end
 
 
 def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",

@@ -270,24 +270,19 @@ class SelfModifyingTitans(nn.Module):
             k_all, v_all = F.normalize(kv[:, :H], dim=-1), F.normalize(kv[:, H:], dim=-1)
             ea = self.w_ea(xc).view(B, T, H, 2).permute(0, 2, 1, 3)
             eta_all, alpha_all = self._rates(ea[..., 0], ea[..., 1])
-        G = cfg.gen_chunk_size
-        # split, not sliced per chunk: a slice's backward writes a zero tensor of the whole sequence,
-        # so T/G slices would cost O(T^2); split's backward is one concatenation
-        queries = q.split(G, dim=2)
         if cfg.self_modifying:
-            inputs = xh.split(G, dim=2)
-        else:
-            given = list(zip(*(t.split(G, dim=2) for t in (k_all, v_all, eta_all, alpha_all))))
-        ys = []
-        for i, qc in enumerate(queries):
-            if cfg.self_modifying:
-                k, v, eta, alpha = self._generate(st, inputs[i])
+            # the generators make their own k, v, eta, alpha, so their recurrence is nonlinear: chunk
+            # by chunk (split, not sliced: a slice's backward writes a zero tensor of the whole
+            # sequence, T/G of them would cost O(T^2))
+            made = []
+            for xh_chunk in xh.split(cfg.gen_chunk_size, dim=2):
+                k, v, eta, alpha = self._generate(st, xh_chunk)
                 st = self._write_generators(st, k, v, eta, alpha)
-            else:
-                k, v, eta, alpha = given[i]
-            y, st = self._read_write_mem(st, qc, k, v, eta, alpha)
-            ys.append(y)
-        y = torch.cat(ys, dim=2)
+                made.append((k, v, eta, alpha))
+            k_all, v_all, eta_all, alpha_all = (torch.cat(parts, dim=2) for parts in zip(*made))
+        # M_mem's write is affine in its state given k, v, eta, alpha: one call over the whole
+        # sequence (deepopt.memory composes the chunks' maps at once)
+        y, st = self._read_write_mem(st, q, k_all, v_all, eta_all, alpha_all)
         y = F.rms_norm(y, (self.dh,))                    # per-head output norm
         st = dict(st)
         st["conv"] = xp[:, -(cfg.conv_size - 1):] if cfg.conv_size > 1 else None
