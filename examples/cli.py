@@ -65,17 +65,12 @@ positive_float = _number(float, 0, strict=True)
 nonnegative_float = _number(float, 0, strict=False)
 
 
-def unit_interval(text, low=nonnegative_float, interval="[0, 1)"):
+def unit_interval(text):
     """An argparse ``type``: a number in [0, 1)."""
-    value = low(text)
+    value = nonnegative_float(text)
     if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
     return value
-
-
-def open_unit_interval(text):
-    """An argparse ``type``: a number in (0, 1)."""
-    return unit_interval(text, positive_float, "(0, 1)")
 
 
 def fail(message: str):

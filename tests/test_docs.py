@@ -233,6 +233,8 @@ def _generated_tables():
     without its page fails here."""
     from benchmarks import (char_gpt, deep_memory, distributed_deviation, matched_lr, ns_dtype_cpu, ns_step,
                             report, robustness, step_cost)
+    from examples.hope import long_context
+    from examples.hope.results import cms
     from examples.hope.results import sweep_and_ablate as hope
     return {
         "numerics: ns_dtype": ("docs/numerics.md", ns_dtype_cpu.table(
@@ -259,6 +261,8 @@ def _generated_tables():
         "hope ablations": ("docs/hope.md", hope.table(_json("examples/hope/results/ablations.json"))),
         "hope continual": ("docs/hope.md", hope.continual_table(_json("examples/hope/results/ablations.json"))),
         "hope long context": ("docs/hope.md", hope.long_context_table(_json("examples/hope/results/ablations.json"))),
+        "hope 16x context": ("docs/hope.md", long_context.table(_json("examples/hope/results/long_context.json"))),
+        "hope cms forgetting": ("docs/hope.md", cms.table(_json("examples/hope/results/cms.json"))),
     }
 
 
@@ -268,7 +272,7 @@ def _generated_tables():
                                   "robustness", "robustness (README)", "matched-lr control",
                                   "matched-lr control (continual)", "ns step", "ns ranks", "ns training",
                                   "hope ablations", "hope continual",
-                                  "hope long context"])
+                                  "hope long context", "hope 16x context", "hope cms forgetting"])
 def test_docs_tables_are_the_result_files(name):
     page, table = _generated_tables()[name]
     lines = [line.strip() for line in _text(ROOT / page).splitlines()]
@@ -283,6 +287,15 @@ def test_char_gpt_verdict_is_the_result_file(page):
     """The plain sentence on deep-ns against torch Muon, as benchmarks/char_gpt.py wrote it."""
     verdict = _json("benchmarks/results/char_gpt/char_gpt.json")["verdict"]
     assert verdict in " ".join(_text(ROOT / page).split()), verdict
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/hope.md"])
+def test_hope_long_context_and_cms_sentences_are_the_result_files(page):
+    """README's HOPE line and docs/hope.md: the sentences long_context.py and cms.py wrote."""
+    text = " ".join(_text(ROOT / page).split())
+    for sentence in (_json("examples/hope/results/long_context.json")["summary"],
+                     _json("examples/hope/results/cms.json")["verdict"]):
+        assert sentence in text, sentence
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])

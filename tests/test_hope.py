@@ -16,13 +16,15 @@ def tiny(**kw):
     base = dict(vocab_size=17, block_size=32, n_layer=2, n_embd=16, n_head=2, memory_hidden=8,
                 chunk_size=4, gen_chunk_size=8, cms_periods=(1, 2), cms_hidden=24)
     base.update(kw)
+    if base.get("memory") == "mlp":       # MLP memories have no anchor gate (as train.py's default)
+        base.setdefault("anchor_init", None)
     return hm.HopeConfig(**base)
 
 
 VARIANTS = [dict(), dict(memory="mlp"), dict(self_modifying=False), dict(cms=False),
             dict(memory="mlp", objective="dot", self_modifying=False), dict(inner_momentum=0.9),
             dict(inner_momentum=0.5, self_modifying=False), dict(inner_momentum=0.9, inner_momentum_ema=True),
-            dict(anchor_init=0.9), dict(anchor_init=0.5, self_modifying=False, inner_momentum=0.5)]
+            dict(anchor_init=None), dict(anchor_init=0.5, self_modifying=False, inner_momentum=0.5)]
 
 
 def _models():
@@ -65,7 +67,7 @@ def test_model_chunked_equals_chunk_start_loop(memory, c, monkeypatch):
 
 def test_streaming_state_equals_full_sequence():
     torch.manual_seed(2)
-    for kw in (dict(), dict(memory="mlp"), dict(anchor_init=0.9)):
+    for kw in (dict(), dict(memory="mlp"), dict(anchor_init=None)):
         m = hm.HOPE(tiny(**kw)).double()
         x = torch.randint(0, 17, (2, 32))
         full = m(x)[0]
@@ -393,7 +395,7 @@ def test_anchor_gate_at_its_neutral_setting_is_the_plain_memory_and_learns():
     """The anchor gate closed (g = 0) computes today's memory exactly; open, the read-out changes,
     the gate's logits get gradients, and a bad anchor_init names the range."""
     torch.manual_seed(0)
-    plain = hm.HOPE(tiny()).double()
+    plain = hm.HOPE(tiny(anchor_init=None)).double()
     gated = hm.HOPE(tiny(anchor_init=0.9)).double()
     missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all("anchor_logit" in k for k in missing)
@@ -476,3 +478,18 @@ def test_long_context_benchmark_writes_the_issue_schema(tmp_path):
         assert set(r["tokens_per_s"]) == {"128", "512", "2048"} and min(r["tokens_per_s"].values()) > 0
         assert r["model"] in lc.table(res)
     assert res["models"][-1]["window"] == 32 and res["summary"] == lc.summary(res)
+
+
+def test_anchor_gate_is_the_default_for_linear_memories_and_old_checkpoints_load_without_it():
+    from examples.hope import train
+    configs = lambda *flags: train.build_configs(train.parse_args(["--preset", "tiny", *flags]), 17)["hope"]
+    assert configs().anchor_init == hm.HopeConfig.anchor_init == 0.9
+    assert configs("--anchor-init", "0").anchor_init is None and configs("--anchor-init", "0.5").anchor_init == 0.5
+    assert configs("--memory", "mlp").anchor_init is None
+    with pytest.raises(ValueError, match="anchor_init must lie in"):
+        hm.HOPE(configs("--memory", "mlp", "--anchor-init", "0.5"))
+    old = dataclasses.asdict(tiny(anchor_init=None))
+    del old["anchor_init"]                                   # a config saved before the gate
+    model = hm.build_model(hm.config_from_dict(old))
+    model.load_state_dict(hm.HOPE(tiny(anchor_init=None)).state_dict())
+    assert model.cfg.anchor_init is None

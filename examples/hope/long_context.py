@@ -43,10 +43,11 @@ from examples import cli
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 #: row name -> (train.py --model, train.py flags, Transformer attention window at evaluation)
-MODELS = {
-    "HOPE": ("hope", [], None),
-    "HOPE w/o CMS": ("hope", ["--no-cms"], None),
-    "HOPE, retention toward its initial state (--anchor-init 0.9)": ("hope", ["--anchor-init", "0.9"], None),
+MODELS = {   # (the anchor flags explicit: runs trained before it was the default have the same folders)
+    "HOPE": ("hope", ["--anchor-init", "0.9"], None),
+    "HOPE w/o CMS": ("hope", ["--no-cms", "--anchor-init", "0.9"], None),
+    "HOPE w/o anchor gate (retention toward zero)": ("hope", ["--anchor-init", "0"], None),
+    "HOPE w/o anchor gate, w/o CMS": ("hope", ["--no-cms", "--anchor-init", "0"], None),
     "Transformer++ (RoPE, full attention)": ("transformer", [], None),
     "Transformer++ (sliding window = train length)": ("transformer", [], "train_len"),
 }

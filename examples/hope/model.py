@@ -66,9 +66,10 @@ class HopeConfig:
     inner_momentum: float = 0.0      # momentum beta of the linear memories' writes (0: none; the
                                      # paper's "w/o momentum" ablation is 0)
     inner_momentum_ema: bool = False # scale each step by 1 - beta (an EMA: the same total rate)
-    anchor_init: float | None = None # retention toward the meta-learned initial state: a learned
+    anchor_init: float | None = 0.9  # retention toward the meta-learned initial state: a learned
                                      # per-head gate g in [0, 1] (starting here), the linear memories
-                                     # decay toward g M_0 instead of 0; None: no gate (g = 0)
+                                     # decay toward g M_0 instead of 0; None: no gate (g = 0, the
+                                     # memories before 2026-12-06). Linear memories only: None for mlp
     kind: str = "hope"
 
 
@@ -91,6 +92,8 @@ def config_from_dict(d: dict):
     cls = HopeConfig if d.get("kind", "hope") == "hope" else TransformerConfig
     if "cms_periods" in d:
         d["cms_periods"] = tuple(d["cms_periods"])
+    if cls is HopeConfig:
+        d.setdefault("anchor_init", None)   # a checkpoint from before the anchor gate has none
     return cls(**d)
 
 
@@ -137,8 +140,8 @@ class SelfModifyingTitans(nn.Module):
         if cfg.inner_momentum and cfg.memory == "mlp":
             raise ValueError("inner_momentum is for linear memories (--memory linear)")
         if cfg.anchor_init is not None and not (cfg.memory == "linear" and 0.0 < cfg.anchor_init < 1.0):
-            raise ValueError(f"anchor_init must lie in (0, 1) and is for linear memories (--memory linear), "
-                             f"got {cfg.anchor_init} with memory={cfg.memory!r}")
+            raise ValueError(f"anchor_init must lie in (0, 1) and is for linear memories (memory='linear'; "
+                             f"pass anchor_init=None otherwise), got {cfg.anchor_init} with memory={cfg.memory!r}")
         D, H = cfg.n_embd, cfg.n_head
         dh = D // H
         self.dh = dh

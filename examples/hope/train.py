@@ -129,6 +129,15 @@ def load_corpus(args):
     return load_shakespeare(args.cache_dir, holdout=args.holdout)
 
 
+def anchor_init(args):
+    """HopeConfig.anchor_init from ``--anchor-init``: the config's default for linear memories,
+    none for MLP memories (they have no anchor), none at 0."""
+    from examples.hope.model import HopeConfig
+    if args.anchor_init is None:
+        return HopeConfig.anchor_init if args.memory == "linear" else None
+    return args.anchor_init or None
+
+
 def build_configs(args, vocab_size):
     from examples.hope.model import HopeConfig, matched_transformer_config
     p = args.preset_values
@@ -138,7 +147,7 @@ def build_configs(args, vocab_size):
                       gen_chunk_size=args.gen_chunk_size, cms_periods=tuple(args.cms_periods),
                       cms=not args.no_cms, self_modifying=not args.no_self_mod,
                       inner_momentum=args.inner_momentum, inner_momentum_ema=args.inner_momentum_ema,
-                      anchor_init=args.anchor_init)
+                      anchor_init=anchor_init(args))
     return {"hope": hcfg, "transformer": matched_transformer_config(hcfg)}
 
 
@@ -377,9 +386,10 @@ def parse_args(argv=None):
                     help="momentum of the linear memories' writes, in [0, 1) (0: none)")
     ap.add_argument("--inner-momentum-ema", action="store_true",
                     help="scale each inner step by 1 - momentum (an EMA of the steps: the total rate stays eta)")
-    ap.add_argument("--anchor-init", type=cli.open_unit_interval, default=None,
-                    help="learned per-head gate g, starting here, in (0, 1): the linear memories' retention "
-                         "decays toward g x their meta-learned initial state instead of toward zero")
+    ap.add_argument("--anchor-init", type=cli.unit_interval, default=None,
+                    help="start of the learned per-head gate g, in [0, 1): the linear memories' retention decays "
+                         "toward g x their meta-learned initial state instead of toward zero (default 0.9 for "
+                         "linear memories; 0: no gate, the memories before 2026-12-06)")
     ap.add_argument("--carry-state", action="store_true",
                     help="steady-state training: each batch row reads a stream on, and HOPE's memory state "
                          "passes from one window to the next (detached between steps)")
