@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 def tiny(**kw):
     base = dict(vocab_size=17, block_size=32, n_layer=2, n_embd=16, n_head=2, memory_hidden=8,
-                chunk_size=4, gen_chunk_size=8, cms_periods=(1, 2), cms_hidden=24)
+                chunk_size=4, gen_chunk_size=8, cms=True, cms_periods=(1, 2), cms_hidden=24)
     base.update(kw)
     if base.get("memory") == "mlp":       # MLP memories have no anchor gate (as train.py's default)
         base.setdefault("anchor_init", None)
@@ -480,10 +480,11 @@ def test_long_context_benchmark_writes_the_issue_schema(tmp_path):
     assert res["models"][-1]["window"] == 32 and res["summary"] == lc.summary(res)
 
 
-def test_anchor_gate_is_the_default_for_linear_memories_and_old_checkpoints_load_without_it():
+def test_defaults_anchor_gate_one_mlp_and_old_checkpoints_load_without_the_gate():
     from examples.hope import train
     configs = lambda *flags: train.build_configs(train.parse_args(["--preset", "tiny", *flags]), 17)["hope"]
     assert configs().anchor_init == hm.HopeConfig.anchor_init == 0.9
+    assert configs().cms is hm.HopeConfig.cms is False and configs("--cms").cms and not configs("--no-cms").cms
     assert configs("--anchor-init", "0").anchor_init is None and configs("--anchor-init", "0.5").anchor_init == 0.5
     assert configs("--memory", "mlp").anchor_init is None
     with pytest.raises(ValueError, match="anchor_init must lie in"):

@@ -43,14 +43,17 @@ from examples import cli
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 #: row name -> (train.py --model, train.py flags, Transformer attention window at evaluation)
-MODELS = {   # (the anchor flags explicit: runs trained before it was the default have the same folders)
-    "HOPE": ("hope", ["--anchor-init", "0.9"], None),
-    "HOPE w/o CMS": ("hope", ["--no-cms", "--anchor-init", "0.9"], None),
-    "HOPE w/o anchor gate (retention toward zero)": ("hope", ["--anchor-init", "0"], None),
-    "HOPE w/o anchor gate, w/o CMS": ("hope", ["--no-cms", "--anchor-init", "0"], None),
+MODELS = {   # (the flags explicit: runs trained before the defaults changed keep their folders)
+    "HOPE (anchor gate, one MLP: the defaults)": ("hope", ["--no-cms", "--anchor-init", "0.9"], None),
+    "HOPE with CMS (levels 1/4/16)": ("hope", ["--cms", "--anchor-init", "0.9"], None),
+    "HOPE with CMS, steady-state training (--carry-state --reset-prob 0.05)":
+        ("hope", ["--cms", "--anchor-init", "0.9", "--carry-state", "--reset-prob", "0.05"], None),
+    "HOPE w/o anchor gate (retention toward zero)": ("hope", ["--no-cms", "--anchor-init", "0"], None),
+    "HOPE w/o anchor gate, with CMS (the model before 2026-12-06)": ("hope", ["--cms", "--anchor-init", "0"], None),
     "Transformer++ (RoPE, full attention)": ("transformer", [], None),
     "Transformer++ (sliding window = train length)": ("transformer", [], "train_len"),
 }
+HOPE_ROW = next(iter(MODELS))      # HOPE at its defaults
 LR = 1e-2
 PASSKEY_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 #: the prompt around the 5-letter key: before it, after it, and before it is asked at the end
@@ -201,7 +204,7 @@ def benchmark(args) -> dict:
 def summary(result: dict) -> str:
     """The README's HOPE long-context sentence, from the result file."""
     rows = {r["model"]: r for r in result["models"]}
-    hope, tf, sw = rows["HOPE"], rows["Transformer++ (RoPE, full attention)"], \
+    hope, tf, sw = rows[HOPE_ROW], rows["Transformer++ (RoPE, full attention)"], \
         rows["Transformer++ (sliding window = train length)"]
     n = len(hope["positions"])
     text = (f"Trained on {hope['train_len']} characters, HOPE's bits/char at {n}x that length is "

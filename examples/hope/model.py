@@ -60,7 +60,9 @@ class HopeConfig:
     cms_periods: tuple = (1, 4, 16)  # update period of each CMS level (optimizer steps)
     cms_hidden: int = 192            # SwiGLU hidden width of each CMS level
     self_modifying: bool = True      # ablation switch
-    cms: bool = True                 # ablation switch
+    cms: bool = False                # the CMS chain of cms_periods levels; False: one period-1 MLP of
+                                     # the same total width, the default since 2026-12-06: the chain
+                                     # lost to it in bits/char and in continual forgetting (docs/hope.md)
     eta_max: float = 1.0             # eta = eta_max * sigmoid(M_eta(x) + b)
     alpha_bias: float = 4.0          # initial retention ~ sigmoid(4) = 0.982
     inner_momentum: float = 0.0      # momentum beta of the linear memories' writes (0: none; the

@@ -13,6 +13,7 @@ model, ``train_log.json`` (config, loss curves, val loss / bits per char, tokens
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -145,7 +146,7 @@ def build_configs(args, vocab_size):
                       n_embd=p["n_embd"], n_head=p["n_head"], cms_hidden=p["cms_hidden"],
                       memory=args.memory, chunk_size=args.chunk_size,
                       gen_chunk_size=args.gen_chunk_size, cms_periods=tuple(args.cms_periods),
-                      cms=not args.no_cms, self_modifying=not args.no_self_mod,
+                      cms=args.cms, self_modifying=not args.no_self_mod,
                       inner_momentum=args.inner_momentum, inner_momentum_ema=args.inner_momentum_ema,
                       anchor_init=anchor_init(args))
     return {"hope": hcfg, "transformer": matched_transformer_config(hcfg)}
@@ -380,7 +381,9 @@ def parse_args(argv=None):
                     help="tokens per chunk of the self-modifying projections' writes")
     ap.add_argument("--cms-periods", type=cli.positive_int, nargs="+", default=[1, 4, 16],
                     help="update period (steps) of each CMS level")
-    ap.add_argument("--no-cms", action="store_true", help="ablation: one period-1 MLP instead of CMS")
+    ap.add_argument("--cms", action=argparse.BooleanOptionalAction, default=False,
+                    help="the Continuum Memory System: MLP levels updated at --cms-periods (default --no-cms: one "
+                         "period-1 MLP of the same total width, which measured better, docs/hope.md)")
     ap.add_argument("--no-self-mod", action="store_true", help="ablation: fixed k/v/eta/alpha projections")
     ap.add_argument("--inner-momentum", type=cli.unit_interval, default=0.0,
                     help="momentum of the linear memories' writes, in [0, 1) (0: none)")

@@ -34,9 +34,9 @@ from examples.hope.results.sweep_and_ablate import after_training, summary, trai
 ADAPT_LRS = [3e-4, 1e-3, 3e-3]
 TRAIN_LR = 1e-2
 #: row name -> (train.py --model, train.py flags, continual.py flags)
-ROWS = {   # HOPE without the anchor gate (the model these rows were first measured on)
-    "HOPE (CMS levels at periods 1/4/16)": ("hope", ["--anchor-init", "0"], []),
-    "HOPE, every CMS level every step": ("hope", ["--anchor-init", "0"], ["--adapt-every-step"]),
+ROWS = {   # HOPE without the anchor gate (the model before 2026-12-06, on which CMS was measured)
+    "HOPE (CMS levels at periods 1/4/16)": ("hope", ["--cms", "--anchor-init", "0"], []),
+    "HOPE, every CMS level every step": ("hope", ["--cms", "--anchor-init", "0"], ["--adapt-every-step"]),
     "HOPE w/o CMS (one period-1 MLP)": ("hope", ["--no-cms", "--anchor-init", "0"], []),
     "Transformer++ (MLPs)": ("transformer", [], []),
 }

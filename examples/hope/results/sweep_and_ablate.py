@@ -28,15 +28,16 @@ sys.path.insert(0, str(ROOT))
 from examples import cli  # noqa: E402
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2]
-#: row name -> (model, extra train.py flags). HOPE as it was measured (2026-12-01): without the anchor
-#: gate, which became the default later (``long_context.py`` compares the two)
+#: row name -> (model, extra train.py flags). HOPE as it was measured (2026-12-01): with the CMS and
+#: without the anchor gate; both defaults changed later (``long_context.py`` compares them)
 NO_ANCHOR = ["--anchor-init", "0"]
-VARIANTS = {"HOPE": ("hope", NO_ANCHOR), "Transformer++": ("transformer", []),
+VARIANTS = {"HOPE": ("hope", ["--cms", *NO_ANCHOR]), "Transformer++": ("transformer", []),
             "HOPE w/o CMS (one period-1 MLP)": ("hope", ["--no-cms", *NO_ANCHOR]),
-            "HOPE w/o self-modification (fixed k/v/eta/alpha projections)": ("hope", ["--no-self-mod", *NO_ANCHOR]),
-            "HOPE with inner momentum 0.5": ("hope", ["--inner-momentum", "0.5", *NO_ANCHOR]),
-            "HOPE with inner momentum 0.9": ("hope", ["--inner-momentum", "0.9", *NO_ANCHOR]),
-            "HOPE with inner momentum 0.9, EMA (steps x 0.1)": ("hope", ["--inner-momentum", "0.9",
+            "HOPE w/o self-modification (fixed k/v/eta/alpha projections)": ("hope", ["--cms", "--no-self-mod",
+                                                                                     *NO_ANCHOR]),
+            "HOPE with inner momentum 0.5": ("hope", ["--cms", "--inner-momentum", "0.5", *NO_ANCHOR]),
+            "HOPE with inner momentum 0.9": ("hope", ["--cms", "--inner-momentum", "0.9", *NO_ANCHOR]),
+            "HOPE with inner momentum 0.9, EMA (steps x 0.1)": ("hope", ["--cms", "--inner-momentum", "0.9",
                                                                      "--inner-momentum-ema", *NO_ANCHOR])}
 
 
