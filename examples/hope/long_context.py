@@ -54,6 +54,7 @@ MODELS = {   # (the flags explicit: runs trained before the defaults changed kee
     "Transformer++ (sliding window = train length)": ("transformer", [], "train_len"),
 }
 HOPE_ROW = next(iter(MODELS))      # HOPE at its defaults
+OLD_HOPE_ROW = "HOPE w/o anchor gate, with CMS (the model before 2026-12-06)"
 LR = 1e-2
 PASSKEY_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 #: the prompt around the 5-letter key: before it, after it, and before it is asked at the end
@@ -207,7 +208,14 @@ def summary(result: dict) -> str:
     hope, tf, sw = rows[HOPE_ROW], rows["Transformer++ (RoPE, full attention)"], \
         rows["Transformer++ (sliding window = train length)"]
     n = len(hope["positions"])
-    text = (f"Trained on {hope['train_len']} characters, HOPE's bits/char at {n}x that length is "
+    old = rows.get(OLD_HOPE_ROW)
+
+    def val(r):
+        return f"{_mean(r['val_bpc_train']):.3f} ± {_ci(r['val_bpc_train']):.3f}"
+    others = ([f"the model before 2026-12-06: {val(old)}"] if old else []) + [f"Transformer++: {val(tf)}"]
+    text = (f"HOPE at its defaults reaches {val(hope)} validation bits/char ({'; '.join(others)}; mean ± 95% "
+            f"over seeds {', '.join(map(str, result['seeds']))}). ")
+    text += (f"Trained on {hope['train_len']} characters, HOPE's bits/char at {n}x that length is "
             f"{hope['bpc'][-1]:.2f} against {hope['bpc'][0]:.2f} at 1x (Transformer++ with RoPE: "
             f"{tf['bpc'][-1]:.2f} against {tf['bpc'][0]:.2f}; sliding window: {sw['bpc'][-1]:.2f}); passkey recall "
             f"of the key's letters at 16x: HOPE {hope['recall']['16x']:.0%}, Transformer++ {tf['recall']['16x']:.0%}, "
@@ -224,15 +232,17 @@ def table(result: dict) -> str:
     rows = result["models"]
     pos = rows[0]["positions"]
     shown = [i for i, p in enumerate(pos) if p in (pos[0], 2 * pos[0], 4 * pos[0], 8 * pos[0], pos[-1])]
-    head = ("| model | " + " | ".join(f"bits/char {pos[i] - pos[0]}-{pos[i]}" for i in shown)
+    head = ("| model | val bits/char (train.py) | " + " | ".join(f"{pos[i] - pos[0]}-{pos[i]}" for i in shown)
             + " | recall 1x / 4x / 16x (control) | tokens/s 128 / 512 / 2048 |")
-    lines = [head, "|---|" + "---|" * (len(shown) + 2)]
+    lines = [head, "|---|---|" + "---|" * (len(shown) + 2)]
     for r in rows:
         def share(d):
             return " / ".join("-" if d[k] is None else f"{d[k]:.2f}" for k in ("1x", "4x", "16x"))
         recall = f"{share(r['recall'])} ({share(r['recall_control'])})"
         speed = " / ".join(f"{v:,.0f}" for v in r["tokens_per_s"].values()) if "tokens_per_s" in r else "-"
-        lines.append(f"| {r['model']} | " + " | ".join(f"{r['bpc'][i]:.3f} ± {r['bpc_ci95'][i]:.3f}" for i in shown)
+        val = r["val_bpc_train"]
+        lines.append(f"| {r['model']} | {_mean(val):.4f} ± {_ci(val):.4f} | "
+                     + " | ".join(f"{r['bpc'][i]:.3f} ± {r['bpc_ci95'][i]:.3f}" for i in shown)
                      + f" | {recall} | {speed} |")
     return "\n".join(lines)
 
