@@ -11,20 +11,25 @@ Read top to bottom (nanoGPT style):
    expanding and the memories diverge within a few hundred tokens). Every memory writes with its own self-generated
    value ``v_hat = M(v)`` by delta-rule gradient descent with retention (weight decay) through
    ``deepopt.memory`` (``linear_memory_write`` / ``mlp_memory_write``, chunk-wise parallel,
-   autograd-safe), starting from meta-learned initial states (``nn.Parameter``s). q and k are
+   autograd-safe), starting from meta-learned initial states (``nn.Parameter``s); the retention
+   of a linear memory decays it toward its initial state times a learned per-head gate
+   (``anchor_init``), so that a memory streamed past its training window keeps the fixed point it
+   was trained near. q and k are
    L2-normalized, a short causal depthwise conv (window 4) mixes neighbouring tokens first.
    Two chunk sizes as in the paper: the generator memories (k, v, eta, alpha) update every
    ``gen_chunk_size`` tokens, M_mem every ``chunk_size`` tokens.
-3. ``CMS``: a chain of MLP levels after the Titans part; level l is trained with its own update
-   period ``cms_periods[l]`` (``deepopt.MultiFrequency`` groups from :func:`hope_param_groups`),
-   and keeps updating at that period at test time with ``--continual``.
-4. ``HOPE``: embedding -> blocks (Titans -> CMS chain) -> RMSNorm -> tied head.
+3. ``CMS`` (``cms=True``): a chain of MLP levels after the Titans part; level l is trained with
+   its own update period ``cms_periods[l]`` (``deepopt.MultiFrequency`` groups from
+   :func:`hope_param_groups`), and keeps updating at that period at test time with ``--continual``.
+   The default, ``cms=False``, is one period-1 MLP of the same total width: it measured better.
+4. ``HOPE``: embedding -> blocks (Titans -> MLP, or the CMS chain) -> RMSNorm -> tied head.
 5. ``Transformer``: Transformer++ (RoPE, SwiGLU, RMSNorm); :func:`matched_transformer_config`
    sizes its MLP so the parameter count matches a HOPE config.
 
 Ablations: ``self_modifying=False`` replaces the generator memories by fixed linear projections
-(and M_mem regresses the plain values v: a Titans/DeltaNet-style linear memory); ``cms=False``
-replaces the CMS chain by a single period-1 MLP of the same total width. ``inner_momentum=beta``
+(and M_mem regresses the plain values v: a Titans/DeltaNet-style linear memory); ``cms=True``
+replaces the single MLP by the CMS chain; ``anchor_init=None`` lets the linear memories decay
+toward zero instead of toward their gated initial state. ``inner_momentum=beta``
 writes each linear memory through a momentum of its inner steps (``S <- beta S + step``,
 ``M <- alpha M + S``; the paper's HOPE has it, and its "w/o momentum" ablation is beta = 0);
 ``inner_momentum_ema`` scales each step by ``1 - beta`` so that the total rate stays ``eta``.

@@ -6,8 +6,8 @@
     python examples/hope/train.py --data my.txt         # any text file
     python examples/hope/train.py --resume              # continue from the checkpoints in --out
 
-CMS levels are trained through ``deepopt.MultiFrequency``: each CMS level is a param group with
-``update_every=period`` (gradients summed over the period). Writes to ``--out``: one checkpoint per
+Every model trains through ``deepopt.MultiFrequency``; with ``--cms`` each CMS level is a param group
+with ``update_every=period`` (gradients summed over the period). Writes to ``--out``: one checkpoint per
 model, ``train_log.json`` (config, loss curves, val loss / bits per char, tokens/s, sample) and
 ``loss.png``.
 """
