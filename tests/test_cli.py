@@ -14,6 +14,8 @@ SCRIPTS = ["examples/hope/train.py", "examples/hope/recall.py", "examples/hope/c
            "examples/hope/results/make_results.py", "examples/quickstart.py", "examples/ddp_train.py",
            "benchmarks/step_throughput.py", "benchmarks/distributed_deviation.py",
            "examples/hope/results/sweep_and_ablate.py", "examples/hope/long_context.py",
+           "examples/hope/results/cms.py", "examples/hope/results/context_throughput.py",
+           "examples/hope/results/compile_throughput.py",
            "benchmarks.run", "benchmarks.deep_memory", "benchmarks.m3_design", "benchmarks.ns_dtype_cpu",
            "benchmarks.step_cost", "benchmarks.matched_lr", "benchmarks.char_gpt", "benchmarks.robustness"]
 
