@@ -5,7 +5,9 @@
 
 The benchmark trains (or reuses, from ``--runs``) each model of ``MODELS`` at the CPU preset
 (500 steps of 32 x 128 characters, lr 1e-2: both HOPE's and the Transformer's selected lr in
-``results/ablations.json``) on ``--seed`` seeds and measures, per model, mean over seeds:
+``results/ablations.json``) on ``--seed`` seeds: HOPE at its defaults, with the CMS, with the CMS
+and steady-state training, without the anchor gate (with and without the CMS), and the
+Transformer++. It measures, per model, mean over seeds:
 
 * **bits/char by position**: validation windows of ``16 x train_len`` characters read in one
   call (HOPE's memories write along the whole window; the Transformer++ attends to all of it
