@@ -348,10 +348,8 @@ def diagnose(args) -> dict:
 
 def main(argv=None):
     ap = cli.parser(__doc__)
-    ap.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=[1, 2, 3], help="training seeds")
-    ap.add_argument("--runs", default="out/hope_ablate", help="folder of the training runs (reused when present)")
-    ap.add_argument("--steps", type=cli.positive_int, default=500, help="training steps of each run")
-    ap.add_argument("--preset", choices=["cpu", "tiny"], default="cpu", help="train.py's preset (tiny: smoke test)")
+    from examples.hope.results.sweep_and_ablate import add_run_options
+    add_run_options(ap)
     ap.add_argument("--jobs", type=cli.positive_int, default=2, help="training runs at a time (one thread each)")
     ap.add_argument("--windows", type=cli.positive_int, default=32, help="validation windows (16x train length)")
     ap.add_argument("--cases", type=cli.positive_int, default=200, help="passkey cases per length")

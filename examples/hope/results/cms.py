@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
 from examples import cli  # noqa: E402
-from examples.hope.results.sweep_and_ablate import after_training, summary, train  # noqa: E402
+from examples.hope.results.sweep_and_ablate import add_run_options, after_training, summary, train  # noqa: E402
 
 ADAPT_LRS = [3e-4, 1e-3, 3e-3]
 TRAIN_LR = 1e-2
@@ -83,10 +83,7 @@ def table(result: dict) -> str:
 
 def main(argv=None):
     ap = cli.parser(__doc__)
-    ap.add_argument("--runs", default="out/hope_ablate", help="folder of the training runs (reused when present)")
-    ap.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=[1, 2, 3], help="training seeds")
-    ap.add_argument("--steps", type=cli.positive_int, default=500, help="training steps of each run")
-    ap.add_argument("--preset", choices=["cpu", "tiny"], default="cpu", help="train.py's preset (tiny: smoke test)")
+    add_run_options(ap)
     ap.add_argument("--lrs", type=cli.positive_float, nargs="+", default=ADAPT_LRS, help="adaptation lrs")
     ap.add_argument("--jobs", type=cli.positive_int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--extra", default="", help="more continual.py flags, one string (smoke tests: shorter windows)")

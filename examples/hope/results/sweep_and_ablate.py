@@ -47,6 +47,14 @@ def run_dir(runs: Path, model: str, flags: list[str], lr: float, seed: int, step
     return runs / f"{model}_{tag}{kind}lr{lr:g}_steps{steps}_seed{seed}"
 
 
+def add_run_options(ap, seeds_help: str = "training seeds") -> None:
+    """The options of the scripts that train through :func:`train`: --runs, --seed, --steps, --preset."""
+    ap.add_argument("--runs", default="out/hope_ablate", help="folder of the training runs (reused when present)")
+    ap.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=[1, 2, 3], help=seeds_help)
+    ap.add_argument("--steps", type=cli.positive_int, default=500, help="training steps of each run")
+    ap.add_argument("--preset", choices=["cpu", "tiny"], default="cpu", help="train.py's preset (tiny: smoke test)")
+
+
 def train(runs: Path, model: str, flags: list[str], lr: float, seed: int, steps: int, preset: str,
           cache_dir: str | None = None) -> dict:
     out = run_dir(runs, model, flags, lr, seed, steps, preset)
@@ -116,11 +124,8 @@ def long_context_table(result: dict) -> str:
 
 def main(argv=None):
     ap = cli.parser(__doc__)
-    ap.add_argument("--runs", default="out/hope_ablate", help="folder of the runs")
-    ap.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=[1, 2, 3], help="the reported seeds")
+    add_run_options(ap, "the reported seeds")
     ap.add_argument("--select-seed", type=cli.nonnegative_int, default=0, help="the seed of the lr sweep")
-    ap.add_argument("--steps", type=cli.positive_int, default=500, help="training steps of every run")
-    ap.add_argument("--preset", choices=["cpu", "tiny"], default="cpu", help="train.py's preset (tiny: smoke test)")
     ap.add_argument("--jobs", type=cli.positive_int, default=2, help="runs at a time")
     ap.add_argument("--out", default=str(HERE / "ablations.json"), help="result file")
     args = ap.parse_args(argv)
