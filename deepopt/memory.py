@@ -132,62 +132,50 @@ def linear_memory_write(M, k, v, eta, alpha, q=None, *, chunk_size=None, objecti
         raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
     if momentum and S is None:
         raise ValueError("momentum > 0 needs its state S (zeros shaped as M to start)")
-    if S is None and T > c:
+    if S is None:
         return _linear_chunkwise_write(M, k, v, eta, alpha, q, c, self_values, anchor)
-    ys = []
+    ys = []         # with momentum: chunk by chunk (the momentum state is not affine-composed here)
     for kc, vc, ec, ac, qc in _chunks(c, k, v, eta, alpha, q):
         n = kc.shape[-2]
         vhat = linear_memory_read(M, vc) if self_values else vc
         u = ec[..., None] * (vhat - linear_memory_read(M, kc))          # eta_j (v_hat_j - M_s k_j)
         A = _decays(ac)
-        if S is not None:
-            D = _intra(A)
-            B = _momentum_weights(momentum, n, u)
-            W = D @ B                                                    # weight of token j in M_t
-            carry = D @ B[:, :1] * momentum                              # sum_i D[t, i] beta^i (i from 1)
-            W_end = W[..., -1, :]
-        elif q is not None:
-            W, carry = _intra(A), None
-            W_end = W[..., -1, :]
-        else:                       # a write without reads needs only the last row of D
-            carry, W_end = None, (A[..., -1:] - A).exp()
+        D = _intra(A)
+        B = _momentum_weights(momentum, n, u)
+        W = D @ B                                                        # weight of token j in M_t
+        carry = D @ B[:, :1] * momentum                                  # sum_i D[t, i] beta^i (i from 1)
         decaying = M if anchor is None else M - anchor                  # the part retention shrinks
         if q is not None:
             y = A.exp()[..., None] * linear_memory_read(decaying, qc) + ((qc @ kc.transpose(-1, -2)) * W) @ u
             if anchor is not None:
                 y = y + linear_memory_read(anchor, qc)
-            if carry is not None:
-                y = y + carry * linear_memory_read(S, qc)
-            ys.append(y)
-        M_next = A[..., -1].exp()[..., None, None] * decaying + (u * W_end[..., None]).transpose(-1, -2) @ kc
+            ys.append(y + carry * linear_memory_read(S, qc))
+        M_next = A[..., -1].exp()[..., None, None] * decaying + (u * W[..., -1, :, None]).transpose(-1, -2) @ kc
         if anchor is not None:
             M_next = M_next + anchor
-        if S is not None:
-            M_next = M_next + carry[..., -1, :, None] * S
-            S = momentum ** n * S + (u * B[-1, :, None]).transpose(-1, -2) @ kc
-        M = M_next
+        M = M_next + carry[..., -1, :, None] * S
+        S = momentum ** n * S + (u * B[-1, :, None]).transpose(-1, -2) @ kc
     y = torch.cat(ys, dim=-2) if q is not None else None
-    return (y, M) if S is None else (y, M, S)
-
-
-def _pass_state(M, P, b):
-    """States at the start of each chunk and after the last, ``M_{n+1} = M_n P_n + b_n`` with the
-    maps along dim -3: one small matmul per chunk (a log-depth prefix scan does N log N matmul
-    work, slower on the CPU)."""
-    starts = [M]
-    for P_n, b_n in zip(P.unbind(-3), b.unbind(-3)):
-        starts.append(starts[-1] @ P_n + b_n)
-    return torch.stack(starts[:-1], dim=-3), starts[-1]
+    return y, M, S
 
 
 def _linear_chunkwise_write(M, k, v, eta, alpha, q, c, self_values, anchor):
-    """:func:`linear_memory_write` without momentum, all chunks at once. A chunk's write is affine
-    in its start state, ``M_next = M_s P + b`` with ``P = keep I + E^T k`` (self values,
-    ``E = (eta w) (v - k)``) or ``keep I - ((eta w) k)^T k`` with ``b = ((eta w) v)^T k`` (given
-    values), ``w_j = prod_{j<u<=c} alpha_u``, ``keep = prod alpha``, plus ``(1 - keep) anchor``:
-    the maps of all chunks are batched matmuls, the state passes from chunk to chunk with one
-    matmul each, and then the reads of all chunks are batched again. The sequence is padded to whole chunks with tokens that
-    neither write (eta = 0) nor decay (alpha = 1)."""
+    """:func:`linear_memory_write` without momentum, all chunks at once. With ``w_j = eta_j
+    prod_{j<u<=c} alpha_u`` and ``keep = prod alpha`` a chunk's write is affine in its start state,
+
+        M_next = M_s P + b + (1 - keep) anchor,
+        P = keep I + (w (v - k))^T k, b = 0          (self values: eta_j M_s (v_j - k_j) is the step)
+        P = keep I - (w k)^T k,       b = (w v)^T k  (given values),
+
+    so the maps of all chunks are batched matmuls and the state passes from chunk to chunk with
+    one small matmul each. Every read factors through the start state too: with
+    ``S[t, j] = (q_t . k_j) D[t, j] eta_j`` and ``decay_t = prod_{u<=t} alpha_u``,
+
+        y_t = M_s r_t + (1 - decay_t) anchor q_t (+ sum_j S[t, j] v_j for given values),
+        r_t = decay_t q_t + sum_j S[t, j] (v_j - k_j)   (self values; -k_j for given values),
+
+    one matmul with the start states instead of one per read term. The sequence is padded to
+    whole chunks with tokens that neither write (eta = 0) nor decay (alpha = 1)."""
     T, dk = k.shape[-2], k.shape[-1]
     N = -(-T // c)
     pad = N * c - T
@@ -199,28 +187,29 @@ def _linear_chunkwise_write(M, k, v, eta, alpha, q, c, self_values, anchor):
     kc, vc = k.reshape(*lead, N, c, dk), v.reshape(*lead, N, c, v.shape[-1])
     ec, A = eta.reshape(*lead, N, c), _decays(alpha.reshape(*lead, N, c))
     keep = A[..., -1].exp()[..., None, None]                            # (.., N, 1, 1)
-    w = (A[..., -1:] - A).exp() * ec                                    # eta_j prod_{j<u<=c} alpha_u
-    eye = torch.eye(dk, dtype=k.dtype, device=k.device)
-    if self_values:
-        P = keep * eye + (w[..., None] * (vc - kc)).transpose(-1, -2) @ kc
-        b = torch.zeros_like(M).unsqueeze(-3).expand(*P.shape[:-2], *M.shape[-2:])
-    else:
-        P = keep * eye - (w[..., None] * kc).transpose(-1, -2) @ kc
-        b = (w[..., None] * vc).transpose(-1, -2) @ kc
-    if anchor is not None:
-        b = b + (1 - keep) * anchor.unsqueeze(-3)
-    starts, M_end = _pass_state(M, P, b)
+    w = ((A[..., -1:] - A).exp() * ec)[..., None]                       # (.., N, c, 1)
+    # the direction each token's step takes through M_s: d_j with u_j = eta_j M_s d_j (+ eta_j v_j)
+    d = vc - kc if self_values else -kc
+    P = (w * d).transpose(-1, -2) @ kc + keep * torch.eye(dk, dtype=k.dtype, device=k.device)
+    b = None if self_values else ((w * vc).transpose(-1, -2) @ kc).unbind(-3)
+    starts = []
+    for n, (keep_n, P_n) in enumerate(zip(keep.unbind(-3), P.unbind(-3))):
+        starts.append(M)
+        M_next = M @ P_n if b is None else M @ P_n + b[n]
+        M = M_next if anchor is None else torch.addcmul(M_next, 1 - keep_n, anchor)
     if q is None:
-        return None, M_end
+        return None, M
     qc = q.reshape(*lead, N, c, dk)
-    vhat = linear_memory_read(starts, vc) if self_values else vc
-    u = ec[..., None] * (vhat - linear_memory_read(starts, kc))
-    decaying = starts if anchor is None else starts - anchor.unsqueeze(-3)
-    y = A.exp()[..., None] * linear_memory_read(decaying, qc) + ((qc @ kc.transpose(-1, -2)) * _intra(A)) @ u
-    if anchor is not None:
-        y = y + linear_memory_read(anchor.unsqueeze(-3), qc)
+    decay = A.exp()[..., None]                                          # (.., N, c, 1)
+    S = (qc @ kc.transpose(-1, -2)) * _intra(A) * ec[..., None, :]      # token j's step in y_t
+    r = decay * qc + S @ d
+    y = r @ torch.stack(starts, dim=-3).transpose(-1, -2)
+    if not self_values:
+        y = y + S @ vc
     y = y.reshape(*lead, N * c, y.shape[-1])
-    return (y[..., :T, :] if pad else y), M_end
+    if anchor is not None:      # per head, outside the chunks: one matmul over the whole sequence
+        y = y + ((1 - decay).reshape(*lead, N * c, 1) * qc.reshape(*lead, N * c, dk)) @ anchor.transpose(-1, -2)
+    return (y[..., :T, :] if pad else y), M
 
 
 def linear_memory_reference(M, k, v, eta, alpha, q=None, *, chunk_size=None, objective="dot",
