@@ -177,6 +177,9 @@ def _linear_chunkwise_write(M, k, v, eta, alpha, q, c, self_values, anchor):
     one matmul with the start states instead of one per read term. The sequence is padded to
     whole chunks with tokens that neither write (eta = 0) nor decay (alpha = 1)."""
     T, dk = k.shape[-2], k.shape[-1]
+    if T == 0:
+        return (None if q is None else q.new_empty(*q.shape[:-1], M.shape[-2])), M
+    c = min(c, T)           # a sequence shorter than a chunk is one chunk: no padding
     N = -(-T // c)
     pad = N * c - T
     if pad:

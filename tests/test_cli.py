@@ -16,6 +16,7 @@ SCRIPTS = ["examples/hope/train.py", "examples/hope/recall.py", "examples/hope/c
            "examples/hope/results/sweep_and_ablate.py", "examples/hope/long_context.py",
            "examples/hope/results/cms.py", "examples/hope/results/context_throughput.py",
            "examples/hope/results/compile_throughput.py", "examples/hope/results/memory_cost.py",
+           "examples/hope/results/gen_chunk.py",
            "benchmarks.run", "benchmarks.deep_memory", "benchmarks.m3_design", "benchmarks.ns_dtype_cpu",
            "benchmarks.step_cost", "benchmarks.matched_lr", "benchmarks.char_gpt", "benchmarks.robustness"]
 

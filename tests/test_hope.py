@@ -389,6 +389,8 @@ def test_inner_momentum_changes_the_memory_and_is_for_linear_memories():
     assert (plain(x)[0] - moving(x)[0]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="linear memories"):
         hm.HOPE(tiny(memory="mlp", inner_momentum=0.9))
+    with pytest.raises(ValueError, match="gen_chunk_size by chunk_size, got .*gen_chunk_size=12, chunk_size=8"):
+        hm.HOPE(tiny(gen_chunk_size=12, chunk_size=8))
 
 
 def test_anchor_gate_at_its_neutral_setting_is_the_plain_memory_and_learns():

@@ -237,3 +237,18 @@ def test_linear_chunkwise_gradients_equal_the_token_loop(self_values):
         grads.append([t.grad for t in leaves])
     for a_, b_ in zip(*grads):
         torch.testing.assert_close(a_, b_, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("self_values", [False, True])
+def test_linear_sequence_shorter_than_a_chunk_and_empty(self_values):
+    """A sequence shorter than its chunk is one chunk (the token loop's result, no padding), and
+    an empty one reads nothing and leaves the memory as it was."""
+    q, k, v, eta, alpha, r = _inputs(T=5)
+    M0, anchor = 0.3 * r(2, 3, 8, 8), r(3, 8, 8)
+    got = mem.linear_memory_write(M0, k, v, eta, alpha, q, chunk_size=16, self_values=self_values, anchor=anchor)
+    ref = mem.linear_memory_reference(M0, k, v, eta, alpha, q, chunk_size=16, self_values=self_values, anchor=anchor)
+    for a_, b_ in zip(got, ref):
+        torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-10)
+    y, M = mem.linear_memory_write(M0, k[..., :0, :], v[..., :0, :], eta[..., :0], alpha[..., :0], q[..., :0, :],
+                                   chunk_size=16, self_values=self_values)
+    assert y.shape == (2, 3, 0, 8) and torch.equal(M, M0)

@@ -45,13 +45,15 @@ from examples import cli
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 #: row name -> (train.py --model, train.py flags, Transformer attention window at evaluation)
+GEN = ["--gen-chunk-size", "32"]    # HOPE's generator chunk since 2026-12-07 (16 before)
 MODELS = {   # (the flags explicit: runs trained before the defaults changed keep their folders)
-    "HOPE (anchor gate, one MLP: the defaults)": ("hope", ["--no-cms", "--anchor-init", "0.9"], None),
-    "HOPE with CMS (levels 1/4/16)": ("hope", ["--cms", "--anchor-init", "0.9"], None),
+    "HOPE (anchor gate, one MLP: the defaults)": ("hope", ["--no-cms", "--anchor-init", "0.9", *GEN], None),
+    "HOPE with CMS (levels 1/4/16)": ("hope", ["--cms", "--anchor-init", "0.9", *GEN], None),
     "HOPE with CMS, steady-state training (--carry-state --reset-prob 0.05)":
-        ("hope", ["--cms", "--anchor-init", "0.9", "--carry-state", "--reset-prob", "0.05"], None),
-    "HOPE w/o anchor gate (retention toward zero)": ("hope", ["--no-cms", "--anchor-init", "0"], None),
-    "HOPE w/o anchor gate, with CMS (the model before 2026-12-06)": ("hope", ["--cms", "--anchor-init", "0"], None),
+        ("hope", ["--cms", "--anchor-init", "0.9", *GEN, "--carry-state", "--reset-prob", "0.05"], None),
+    "HOPE w/o anchor gate (retention toward zero)": ("hope", ["--no-cms", "--anchor-init", "0", *GEN], None),
+    "HOPE w/o anchor gate, with CMS (the model before 2026-12-06)":
+        ("hope", ["--cms", "--anchor-init", "0", "--gen-chunk-size", "16"], None),
     "Transformer++ (RoPE, full attention)": ("transformer", [], None),
     "Transformer++ (sliding window = train length)": ("transformer", [], "train_len"),
 }

@@ -377,8 +377,8 @@ def parse_args(argv=None):
     ap.add_argument("--memory", choices=["linear", "mlp"], default="linear", help="HOPE's in-context memories")
     ap.add_argument("--chunk-size", type=cli.positive_int, default=16,
                     help="tokens per chunk of HOPE's memory writes")
-    ap.add_argument("--gen-chunk-size", type=cli.positive_int, default=16,
-                    help="tokens per chunk of the self-modifying projections' writes")
+    ap.add_argument("--gen-chunk-size", type=cli.positive_int, default=32,
+                    help="tokens per chunk of the self-modifying projections' writes (a multiple of --chunk-size)")
     ap.add_argument("--cms-periods", type=cli.positive_int, nargs="+", default=[1, 4, 16],
                     help="update period (steps) of each CMS level")
     ap.add_argument("--cms", action=argparse.BooleanOptionalAction, default=False,

@@ -34,10 +34,11 @@ from examples.hope.results.sweep_and_ablate import add_run_options, after_traini
 ADAPT_LRS = [3e-4, 1e-3, 3e-3]
 TRAIN_LR = 1e-2
 #: row name -> (train.py --model, train.py flags, continual.py flags)
-ROWS = {   # HOPE without the anchor gate (the model before 2026-12-06, on which CMS was measured)
-    "HOPE (CMS levels at periods 1/4/16)": ("hope", ["--cms", "--anchor-init", "0"], []),
-    "HOPE, every CMS level every step": ("hope", ["--cms", "--anchor-init", "0"], ["--adapt-every-step"]),
-    "HOPE w/o CMS (one period-1 MLP)": ("hope", ["--no-cms", "--anchor-init", "0"], []),
+BEFORE = ["--anchor-init", "0", "--gen-chunk-size", "16"]
+ROWS = {   # HOPE without the anchor gate, generator chunk 16 (the model before 2026-12-06, on which CMS was measured)
+    "HOPE (CMS levels at periods 1/4/16)": ("hope", ["--cms", *BEFORE], []),
+    "HOPE, every CMS level every step": ("hope", ["--cms", *BEFORE], ["--adapt-every-step"]),
+    "HOPE w/o CMS (one period-1 MLP)": ("hope", ["--no-cms", *BEFORE], []),
     "Transformer++ (MLPs)": ("transformer", [], []),
 }
 CMS_ROW = "HOPE (CMS levels at periods 1/4/16)"

@@ -5,8 +5,6 @@
 * ``write``: one linear memory write with reads (self values, 4 heads of 32, chunks of 16),
   forward + backward, as HOPE wrote M_mem before (one call per 16-token chunk, the state passed
   between calls) and now (one chunkwise call over the sequence); median ms, one thread;
-* ``gen_chunks``: training tokens/s at 128 characters of HOPE at generator chunks 16 (the
-  default), 32 and 64 against the Transformer++ (alternating rounds; the larger chunks untrained);
 * ``gates`` (with a checkpoint): the learned anchor gates sigmoid(logit) and retention biases
   sigmoid(b_alpha) of a trained HOPE, min and max over heads and layers.
 """
@@ -23,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 from examples import cli  # noqa: E402
 
-CKPT = "out/hope_ablate/hope_cms_anchor_init_0.9_lr0.01_steps500_seed1/hope.pt"
+CKPT = "out/hope_ablate/hope_cms_anchor_init_0.9_gen_chunk_size_32_lr0.01_steps500_seed1/hope.pt"
 
 
 def write_ms(batch: int, length: int, chunkwise: bool, repeats: int = 7) -> float:
@@ -74,25 +72,13 @@ def main(argv=None):
     ap.add_argument("--ckpt", default=CKPT, help="a trained HOPE with the anchor gate (skipped when missing)")
     ap.add_argument("--out", default=str(HERE / "memory_cost.json"), help="result file")
     args = ap.parse_args(argv)
-    import dataclasses
-
     import torch
-
-    from examples.hope import train as T
-    from examples.hope.results.context_throughput import training_tokens_per_s
     result = dict(command="python examples/hope/results/memory_cost.py", date=time.strftime("%Y-%m-%d"),
                   device=f"cpu ({platform.machine()})", torch=torch.__version__)
     torch.set_num_threads(1)
     result["write_ms"] = {f"batch {b} x {t}": dict(per_chunk_calls=write_ms(b, t, False), chunkwise=write_ms(b, t, True))
                           for b, t in ((32, 128), (2, 2048))}
     print(json.dumps(result["write_ms"]), flush=True)
-    torch.set_num_threads(2)
-    configs = T.build_configs(T.parse_args([]), 65)
-    variants = {"transformer": configs["transformer"],
-                **{f"hope gen_chunk_size {g}": dataclasses.replace(configs["hope"], gen_chunk_size=g) for g in (16, 32, 64)}}
-    rates = training_tokens_per_s(variants, [128])["128"]
-    result["gen_chunks_128"] = {k: dict(tokens_per_s=v, ratio=v / rates["transformer"]) for k, v in rates.items()}
-    print(json.dumps(result["gen_chunks_128"]), flush=True)
     if Path(args.ckpt).exists():
         result["gates"] = gates(args.ckpt)
         print(json.dumps(result["gates"]), flush=True)

@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 from examples import cli  # noqa: E402
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2]
-#: row name -> (model, extra train.py flags). HOPE as it was measured (2026-12-01): with the CMS and
-#: without the anchor gate; both defaults changed later (``long_context.py`` compares them)
-NO_ANCHOR = ["--anchor-init", "0"]
+#: row name -> (model, extra train.py flags). HOPE as it was measured (2026-12-01): with the CMS,
+#: without the anchor gate, generator chunk 16; those defaults changed later (``long_context.py``
+#: and ``gen_chunk.py`` compare them)
+NO_ANCHOR = ["--anchor-init", "0", "--gen-chunk-size", "16"]
 VARIANTS = {"HOPE": ("hope", ["--cms", *NO_ANCHOR]), "Transformer++": ("transformer", []),
             "HOPE w/o CMS (one period-1 MLP)": ("hope", ["--no-cms", *NO_ANCHOR]),
             "HOPE w/o self-modification (fixed k/v/eta/alpha projections)": ("hope", ["--cms", "--no-self-mod",
