@@ -496,3 +496,24 @@ def test_defaults_anchor_gate_one_mlp_and_old_checkpoints_load_without_the_gate(
     model = hm.build_model(hm.config_from_dict(old))
     model.load_state_dict(hm.HOPE(tiny(anchor_init=None)).state_dict())
     assert model.cfg.anchor_init is None
+
+
+def test_long_context_trains_each_run_once():
+    """The two Transformer++ rows read one checkpoint: long_context.py trains it once per seed."""
+    import threading
+    import types
+
+    from examples.hope import long_context
+    calls, lock = [], threading.Lock()
+
+    def fake_train(runs, model, flags, lr, seed, steps, preset, cache_dir):
+        with lock:
+            calls.append((model, tuple(flags), seed))
+        return dict(dir=f"{model}-{'_'.join(flags)}-{seed}")
+    args = types.SimpleNamespace(jobs=2, seed=[1, 2], steps=5, preset="tiny", cache_dir=None)
+    trained = long_context.train_models(fake_train, None, args)
+    unique = {(m, tuple(f)) for m, f, _ in long_context.MODELS.values()}
+    assert len(unique) == len(long_context.MODELS) - 1
+    assert sorted(calls) == sorted((m, f, s) for m, f in unique for s in (1, 2))
+    rows = [name for name, (m, _, _) in long_context.MODELS.items() if m == "transformer"]
+    assert trained[(rows[0], 2)] == trained[(rows[1], 2)] and len(trained) == 2 * len(long_context.MODELS)

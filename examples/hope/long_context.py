@@ -136,6 +136,20 @@ def _ci(values):
     return None if None in values else ci95(values) if len(values) > 1 else 0.0
 
 
+def train_models(train, runs: Path, args) -> dict:
+    """{(row name, seed): train(...)'s record}: each run once, ``args.jobs`` at a time (the rows that
+    read one checkpoint two ways share its run)."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        jobs = {}
+        for model, flags, _ in MODELS.values():
+            for s in args.seed:
+                if (model, tuple(flags), s) not in jobs:
+                    jobs[(model, tuple(flags), s)] = pool.submit(train, runs, model, flags, LR, s, args.steps,
+                                                                 args.preset, args.cache_dir)
+        return {(name, s): jobs[(model, tuple(flags), s)].result()
+                for name, (model, flags, _) in MODELS.items() for s in args.seed}
+
+
 def benchmark(args) -> dict:
     import torch
 
@@ -145,10 +159,7 @@ def benchmark(args) -> dict:
     from examples.hope.results.sweep_and_ablate import train
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        jobs = {(name, s): pool.submit(train, runs, model, flags, LR, s, args.steps, args.preset, args.cache_dir)
-                for name, (model, flags, _) in MODELS.items() for s in args.seed}
-        trained = {key: job.result() for key, job in jobs.items()}
+    trained = train_models(train, runs, args)
     corpus = load_shakespeare(args.cache_dir)
     result = dict(command="python examples/hope/long_context.py " + " ".join(args.argv), date=time.strftime("%Y-%m-%d"),
                   device="cpu", torch=torch.__version__, seeds=args.seed, steps=args.steps, lr=LR,

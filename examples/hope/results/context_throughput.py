@@ -1,6 +1,7 @@
 """Training tokens/s of HOPE and the Transformer++ at the CPU preset's widths as the context grows
 (128, 512, 2048 characters; 4096 tokens per step: batch 32, 8, 2), both models in one process in
-alternating rounds so that machine load hits both alike; medians.
+alternating rounds so that machine load hits both alike (8 rounds of 5 steps, the first a warm-up);
+medians.
 
     python examples/hope/results/context_throughput.py     # -> examples/hope/results/context_throughput.json
 """
@@ -54,8 +55,8 @@ def training_tokens_per_s(configs: dict, lengths, rounds: int = 3, steps: int = 
 def main(argv=None):
     ap = cli.parser(__doc__)
     ap.add_argument("--lengths", type=cli.positive_int, nargs="+", default=[128, 512, 2048], help="contexts")
-    ap.add_argument("--rounds", type=cli.positive_int, default=3, help="alternating rounds (the first is warm-up)")
-    ap.add_argument("--steps", type=cli.positive_int, default=2, help="training steps per model and round")
+    ap.add_argument("--rounds", type=cli.positive_int, default=8, help="alternating rounds (the first is warm-up)")
+    ap.add_argument("--steps", type=cli.positive_int, default=5, help="training steps per model and round")
     ap.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
     ap.add_argument("--out", default=str(HERE / "context_throughput.json"), help="result file")
     args = ap.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     result = dict(command="python examples/hope/results/context_throughput.py", date=time.strftime("%Y-%m-%d"),
                   device=f"cpu ({platform.machine()}, {args.threads} threads)", torch=torch.__version__,
-                  tokens_per_step=TOKENS_PER_STEP, tokens_per_s={})
+                  tokens_per_step=TOKENS_PER_STEP, rounds=args.rounds, steps_per_round=args.steps, tokens_per_s={})
     configs = T.build_configs(T.parse_args([]), 65)
     for length in args.lengths:
         med = training_tokens_per_s(configs, [length], args.rounds, args.steps)[str(length)]
