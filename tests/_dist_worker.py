@@ -53,7 +53,8 @@ CONFIGS = {
         [{"params": m[0].parameters(), "update_every": 3},
          {"params": list(m[2].parameters()) + list(m[4].parameters())}], lr=0.05)),
 }
-#: Newton-Schulz runs in bf16 in m3 (direct form; deep_ns_l2 and m3_gram run it in fp32: with the MLP
+#: Newton-Schulz runs in the "auto" dtype in m3 (bf16 where the CPU multiplies it natively, else fp32;
+#: direct form; deep_ns_l2 and m3_gram run it in fp32: with the MLP
 #: memory at the default proximal rate, or with the Gram form, a bf16 rounding flipped by the
 #: all-reduce order grew to 8e-4 / 7e-5 in 10 steps): a last-bit difference in its input moves the result
 NS_CONFIGS = {"deep_ns_l2", "m3", "m3_preconditioned", "m3_gram"}

@@ -16,7 +16,7 @@ SCRIPTS = ["examples/hope/train.py", "examples/hope/recall.py", "examples/hope/c
            "examples/hope/results/sweep_and_ablate.py", "examples/hope/long_context.py",
            "examples/hope/results/cms.py", "examples/hope/results/context_throughput.py",
            "examples/hope/results/compile_throughput.py", "examples/hope/results/memory_cost.py",
-           "examples/hope/results/gen_chunk.py",
+           "examples/hope/results/gen_chunk.py", "examples/hope/results/passkey_trained.py",
            "benchmarks.run", "benchmarks.deep_memory", "benchmarks.m3_design", "benchmarks.ns_dtype_cpu",
            "benchmarks.step_cost", "benchmarks.matched_lr", "benchmarks.char_gpt", "benchmarks.robustness"]
 
@@ -171,6 +171,7 @@ def test_train_bad_flags(args, flag):
     ("benchmarks.run", ["--seed", "0", "10"], ["--select-seed", "reported"]),
     ("examples/hope/results/sweep_and_ablate.py", ["--seed", "0", "1"], ["--select-seed"]),
     ("examples/hope/long_context.py", ["--ckpt-dir", "no/such/dir"], ["no hope.pt or transformer.pt"]),
+    ("examples/hope/results/passkey_trained.py", ["--share", "0"], ["--share", "(0, 1]"]),
 ])
 def test_other_user_errors(script, args, words):
     code, _, _, err = probe(script, *args)

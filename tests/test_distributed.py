@@ -110,7 +110,10 @@ def test_each_matrix_is_orthogonalised_once_on_its_owner(engines_ran, out_dir, e
 def test_bytes_received_are_the_minimum(engines_ran, out_dir, engine, world, name):
     traffic = _traffic(out_dir, f"{engine}-w{world}-{name}", world)
     reference = W.single_process_traffic(name)
-    itemsize = 4 if name in ("deep_ns_l2", "m3_gram") else 2   # the Newton-Schulz dtype: what travels
+    # the Newton-Schulz dtype is what travels: fp32 where the config asks, else "auto" (bf16 on CPUs
+    # that multiply it natively, fp32 on the others)
+    auto = NS.resolve_ns_dtype("auto", torch.device("cpu"))
+    itemsize = 4 if name in ("deep_ns_l2", "m3_gram") else auto.itemsize
     params = sum(p.numel() for p in W.make_model().parameters())
     for step, shapes in enumerate(reference):
         owners = _expected_owners(shapes, world)
