@@ -228,9 +228,9 @@ class SelfModifyingTitans(nn.Module):
 
     # -- pieces --------------------------------------------------------------------------
     def _rates(self, eta_raw, alpha_raw):
-        eta = torch.sigmoid(eta_raw + self.b_eta)
+        eta = self.cfg.eta_max * torch.sigmoid(eta_raw + self.b_eta)
         alpha = torch.sigmoid(alpha_raw + self.b_alpha)
-        return (eta if self.cfg.eta_max == 1.0 else self.cfg.eta_max * eta), alpha
+        return eta, alpha
 
     def _generate(self, st, xh):
         """k, v, eta, alpha of a chunk from the chunk-start generator memories."""
@@ -241,13 +241,12 @@ class SelfModifyingTitans(nn.Module):
             k = mlp_memory_read(st["kv_mlp_in"][0], st["kv_mlp_out"][0], xh)
             v = mlp_memory_read(st["kv_mlp_in"][1], st["kv_mlp_out"][1], xh)
             ea = linear_memory_read(st["ea"], xh)
-        else:       # k and v normalised in one call (one op instead of two, per chunk)
+            kv = F.normalize(torch.stack([k, v], dim=-2), dim=-1)
+        else:
             out = linear_memory_read(st["gen"], xh)
-            kv = F.normalize(out[..., :2 * dh].unflatten(-1, (2, dh)), dim=-1)
-            eta, alpha = self._rates(out[..., 2 * dh], out[..., 2 * dh + 1])
-            return kv[..., 0, :], kv[..., 1, :], eta, alpha
+            kv, ea = F.normalize(out[..., :2 * dh].unflatten(-1, (2, dh)), dim=-1), out[..., 2 * dh:]
         eta, alpha = self._rates(ea[..., 0], ea[..., 1])
-        return F.normalize(k, dim=-1), F.normalize(v, dim=-1), eta, alpha
+        return kv[..., 0, :], kv[..., 1, :], eta, alpha     # k and v normalised in one call
 
     def _write_generators(self, st, k, v, eta, alpha, anchors):
         """Each generator memory writes its own value v_hat = M(v) (one chunk)."""
