@@ -172,6 +172,8 @@ def test_train_bad_flags(args, flag):
     ("examples/hope/results/sweep_and_ablate.py", ["--seed", "0", "1"], ["--select-seed"]),
     ("examples/hope/long_context.py", ["--ckpt-dir", "no/such/dir"], ["no hope.pt or transformer.pt"]),
     ("examples/hope/results/passkey_trained.py", ["--share", "0"], ["--share", "(0, 1]"]),
+    ("examples/hope/results/passkey_trained.py", ["--share", "0.6"], ["--copy-share", "[0, 0.4]"]),
+    ("examples/hope/results/passkey_trained.py", ["--copy-len", "65"], ["--copy-len", "[2, 64]"]),
 ])
 def test_other_user_errors(script, args, words):
     code, _, _, err = probe(script, *args)

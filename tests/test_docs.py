@@ -234,7 +234,7 @@ def _generated_tables():
     from benchmarks import (char_gpt, deep_memory, distributed_deviation, matched_lr, ns_dtype_cpu, ns_step,
                             report, robustness, step_cost)
     from examples.hope import long_context
-    from examples.hope.results import cms, gen_chunk
+    from examples.hope.results import cms, gen_chunk, passkey_trained
     from examples.hope.results import sweep_and_ablate as hope
     return {
         "numerics: ns_dtype": ("docs/numerics.md", ns_dtype_cpu.table(
@@ -264,6 +264,8 @@ def _generated_tables():
         "hope 16x context": ("docs/hope.md", long_context.table(_json("examples/hope/results/long_context.json"))),
         "hope cms forgetting": ("docs/hope.md", cms.table(_json("examples/hope/results/cms.json"))),
         "hope generator chunk": ("docs/hope.md", gen_chunk.table(_json("examples/hope/results/gen_chunk.json"))),
+        "hope passkey trained": ("docs/hope.md", passkey_trained.table([_json(f"examples/hope/results/{name}.json") for name in (
+            "passkey_trained", "passkey_trained_seed2", "passkey_trained_no_spread", "passkey_trained_copy64")])),
     }
 
 
@@ -274,7 +276,7 @@ def _generated_tables():
                                   "matched-lr control (continual)", "ns step", "ns ranks", "ns training",
                                   "hope ablations", "hope continual",
                                   "hope long context", "hope 16x context", "hope cms forgetting",
-                                  "hope generator chunk"])
+                                  "hope generator chunk", "hope passkey trained"])
 def test_docs_tables_are_the_result_files(name):
     page, table = _generated_tables()[name]
     lines = [line.strip() for line in _text(ROOT / page).splitlines()]

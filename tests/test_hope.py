@@ -460,6 +460,44 @@ def test_passkey_cases_hold_the_key_at_both_ends_and_the_control_another():
         lc.passkey_cases(CharTokenizer("abc "), data, 128, 2, seed=0)
 
 
+def test_passkey_training_batch_masks_exactly_the_letters_to_recall():
+    """passkey_trained.py's rows: a pass-key row's mask covers the asked key (== the key at the
+    start) and nothing else; a copy row's masked letters repeat the letters before the newline;
+    plain rows mask nothing; x, y are one row shifted."""
+    import argparse
+
+    from examples.data import CharTokenizer
+    from examples.hope import long_context as lc
+    from examples.hope.results import passkey_trained as pt
+    text = "".join(lc.PASSKEY_PROMPT) + lc.PASSKEY_LETTERS + "\n filler text of the play. " * 40
+    tok = CharTokenizer(text)
+    data = tok.encode_tensor(text)
+    g = torch.Generator().manual_seed(0)
+    start = len(lc.PASSKEY_PROMPT[0])
+    for spread in (True, False):
+        rows, mask = pt.keyed_rows(tok, data, 6, 129, spread, g)
+        assert rows.shape == mask.shape == (6, 129) and (mask.sum(1) == 5).all()
+        for row, m in zip(rows, mask):
+            assert torch.equal(row[m], row[start:start + 5])
+            end = m.nonzero().max().item() + 1
+            assert tok.decode(row[:end]).endswith(lc.PASSKEY_PROMPT[2] + tok.decode(row[start:start + 5]))
+            assert spread or end == 129
+    halves = set()
+    for _ in range(20):
+        rows, mask = pt.copy_rows(tok, 4, 129, g)
+        half = mask.sum(1)[0].item() + 1            # the copied string's length
+        halves.add(half)
+        assert rows.shape == (4, 129) and 5 <= half <= 64 and (mask.sum(1) == half - 1).all()
+        assert tok.decode(rows[:, half]) == "\n" * 4 and torch.equal(rows[:, :half], rows[:, half + 1:2 * half + 1])
+        assert torch.equal(rows[:, half + 2:2 * half + 1], rows[mask].view(4, -1)) and not mask[:, :half + 2].any()
+    assert len(halves) > 5                          # the offset varies from batch to batch
+    assert (pt.copy_rows(tok, 2, 129, g, fixed=64)[1].sum(1) == 63).all()
+    args = argparse.Namespace(share=0.25, copy_share=0.5, spread=True, copy_len=None)
+    x, y, m = pt.training_batch(tok, data, args, 8, 128, g)
+    assert x.shape == y.shape == m.shape == (8, 128) and torch.equal(x[:, 1:], y[:, :-1])
+    assert (m[:2].sum(1) == 5).all() and (m[2:6].sum(1) > 3).all() and not m[6:].any()
+
+
 def test_long_context_benchmark_writes_the_issue_schema(tmp_path):
     """long_context.py end to end on the tiny preset and a fake corpus: every model's row has the
     result file's keys, 16 position buckets, recall shares in [0, 1] (None where 1x cannot hold the

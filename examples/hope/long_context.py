@@ -113,8 +113,8 @@ def passkey_cases(tok, text, length: int, cases: int, seed: int):
     return torch.stack(rows), positions, keys, torch.stack(controls)
 
 
-def passkey_recall(model, rows, positions, keys, batch: int = 8) -> tuple[float, float]:
-    """(share of key letters predicted, share of keys predicted whole)."""
+def passkey_recall(model, rows, positions, keys, batch: int = 8) -> tuple[float, float, list[float]]:
+    """(share of key letters predicted, share of keys predicted whole, share per letter of the key)."""
     import torch
     hits = []
     with torch.no_grad():
@@ -123,7 +123,7 @@ def passkey_recall(model, rows, positions, keys, batch: int = 8) -> tuple[float,
             pred = logits[:, positions - 1].argmax(-1)            # predicts the letter at `positions`
             hits.append(pred == keys[i:i + batch])
     hits = torch.cat(hits)
-    return hits.float().mean().item(), hits.all(-1).float().mean().item()
+    return hits.float().mean().item(), hits.all(-1).float().mean().item(), hits.float().mean(0).tolist()
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -183,7 +183,7 @@ def benchmark(args) -> dict:
                     rec["recall"][f"{f}x"] = rec["recall_whole"][f"{f}x"] = rec["recall_control"][f"{f}x"] = None
                     continue
                 rows, pos, keys, controls = passkey_cases(tok, val, f * train_len, args.cases, seed=1000 + f)
-                rec["recall"][f"{f}x"], rec["recall_whole"][f"{f}x"] = passkey_recall(model, rows, pos, keys)
+                rec["recall"][f"{f}x"], rec["recall_whole"][f"{f}x"] = passkey_recall(model, rows, pos, keys)[:2]
                 rec["recall_control"][f"{f}x"] = passkey_recall(model, controls, pos, keys)[0]
             per_seed.append(rec)
             print(f"{name} seed {s}: bpc@1x {rec['bpc'][0]:.3f} @16x {rec['bpc'][-1]:.3f}; recall "
