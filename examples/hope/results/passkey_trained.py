@@ -12,7 +12,7 @@ and window (128 characters, batch 32; ``--steps`` with warm-up and cosine as tra
   training text between and after;
 * ``--copy-share`` copy windows: random letters, a newline, the same letters again, of a random
   length (the dense copying signal a model needs before it can find a key in text: with pass-key
-  windows alone neither model left chance in 1,000 steps);
+  windows alone neither model left chance in this script's first version, 500 steps);
 * the rest plain training text.
 
 The loss is the mean next-character loss plus ``--key-weight`` times the mean loss on the letters
@@ -52,11 +52,11 @@ def keyed_rows(tok, text, n: int, length: int, spread: bool, g):
 
 
 def copy_rows(tok, n: int, length: int, g, fixed: int | None = None):
-    """(rows, mask): random letters, a newline, the same letters, random letters to ``length``; the
-    copied string's length is drawn per batch (5 to about half the window), so that the copy is
-    found by content, not at a fixed offset (which a Transformer learns from positions alone, and
-    which does not carry over to a pass key), or ``fixed``. mask marks the copied letters after the first, which
-    the newline alone cannot give away."""
+    """(rows, mask): random letters, a newline, the same letters, random letters to ``length``. The
+    copied string's length is ``fixed`` or drawn per batch (5 to about half the window), so that the
+    copy is found by content, not at a fixed offset (which a Transformer learns from positions
+    alone, and which does not carry over to a pass key). mask marks the copied letters after the
+    first, which the newline alone cannot give away."""
     import torch
 
     from examples.hope.long_context import PASSKEY_LETTERS
