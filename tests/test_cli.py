@@ -174,6 +174,7 @@ def test_train_bad_flags(args, flag):
     ("examples/hope/results/passkey_trained.py", ["--share", "0"], ["--share", "(0, 1]"]),
     ("examples/hope/results/passkey_trained.py", ["--share", "0.6"], ["--copy-share", "[0, 0.4]"]),
     ("examples/hope/results/passkey_trained.py", ["--copy-len", "65"], ["--copy-len", "[2, 64]"]),
+    ("examples/hope/results/passkey_trained.py", ["--segments", "2"], ["--segments 2", "--model hope"]),
 ])
 def test_other_user_errors(script, args, words):
     code, _, _, err = probe(script, *args)

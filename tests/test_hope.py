@@ -474,14 +474,14 @@ def test_passkey_training_batch_masks_exactly_the_letters_to_recall():
     data = tok.encode_tensor(text)
     g = torch.Generator().manual_seed(0)
     start = len(lc.PASSKEY_PROMPT[0])
-    for spread in (True, False):
-        rows, mask = pt.keyed_rows(tok, data, 6, 129, spread, g)
+    for ask_end in (lc.PASSKEY_MIN_LENGTH, 100, 129):
+        rows, mask = pt.keyed_rows(tok, data, 6, 129, ask_end, g)
         assert rows.shape == mask.shape == (6, 129) and (mask.sum(1) == 5).all()
         for row, m in zip(rows, mask):
             assert torch.equal(row[m], row[start:start + 5])
             end = m.nonzero().max().item() + 1
             assert tok.decode(row[:end]).endswith(lc.PASSKEY_PROMPT[2] + tok.decode(row[start:start + 5]))
-            assert spread or end == 129
+            assert end == ask_end
     halves = set()
     for _ in range(20):
         rows, mask = pt.copy_rows(tok, 4, 129, g)
@@ -492,10 +492,52 @@ def test_passkey_training_batch_masks_exactly_the_letters_to_recall():
         assert torch.equal(rows[:, half + 2:2 * half + 1], rows[mask].view(4, -1)) and not mask[:, :half + 2].any()
     assert len(halves) > 5                          # the offset varies from batch to batch
     assert (pt.copy_rows(tok, 2, 129, g, fixed=64)[1].sum(1) == 63).all()
-    args = argparse.Namespace(share=0.25, copy_share=0.5, spread=True, copy_len=None)
-    x, y, m = pt.training_batch(tok, data, args, 8, 128, g)
-    assert x.shape == y.shape == m.shape == (8, 128) and torch.equal(x[:, 1:], y[:, :-1])
-    assert (m[:2].sum(1) == 5).all() and (m[2:6].sum(1) > 3).all() and not m[6:].any()
+    for spread in (True, False):
+        args = argparse.Namespace(share=0.25, copy_share=0.5, spread=spread, copy_len=None, segments=1)
+        [(x, y, m)] = pt.training_batch(tok, data, args, 8, 128, g)
+        assert x.shape == y.shape == m.shape == (8, 128) and torch.equal(x[:, 1:], y[:, :-1])
+        assert (m[:2].sum(1) == 5).all() and (m[2:6].sum(1) > 3).all() and not m[6:].any()
+        assert spread or (m[:2, -5:].all() and m[:2].sum() == 10)
+    # --segments 3: the pass-key rows (first) span the whole windows up to their ask, the rest one window
+    windows = set()
+    args = argparse.Namespace(share=0.25, copy_share=0.5, spread=True, copy_len=None, segments=3)
+    for _ in range(30):
+        parts = pt.training_batch(tok, data, args, 8, 64, g)
+        x, y, m = parts[0]
+        width = x.shape[1]
+        windows.add(width // 64)
+        last = m[:2].nonzero()[:, 1].max().item()               # the asked key's last letter (in y)
+        assert width % 64 == 0 and width - 64 <= last < width <= 192 and (m[:2].sum(1) == 5).all()
+        assert sum(len(p[0]) for p in parts) == 8 and all(p[0].shape[1] == 64 for p in parts[1:])
+    assert windows == {1, 2, 3}
+    args.spread = False
+    assert pt.training_batch(tok, data, args, 8, 64, g)[0][0].shape[1] == 192
+
+
+def test_passkey_training_reads_long_rows_window_by_window():
+    """windowed_ce == the loss of one long call (the memory state carried between windows); with
+    ``detach`` a later window's gradient is that of the window read alone from the (constant)
+    state before it, without it the gradient also flows through the earlier window's writes."""
+    from examples.hope.results.passkey_trained import windowed_ce
+    torch.manual_seed(0)
+    model = hm.HOPE(tiny(cms=False)).double()
+    x, y = torch.randint(0, 17, (2, 64)), torch.randint(0, 17, (2, 64))
+    with torch.no_grad():
+        whole = torch.nn.functional.cross_entropy(model(x)[0].transpose(1, 2), y, reduction="none")
+    grads = {}
+    for detach in (True, False):
+        ce = windowed_ce(model, x, y, 32, detach)
+        torch.testing.assert_close(ce.detach(), whole)
+        model.zero_grad()
+        ce[:, 32:].sum().backward()
+        grads[detach] = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    state = hm.detach_state(model(x[:, :32], return_state=True)[2])
+    torch.nn.functional.cross_entropy(model(x[:, 32:], state=state)[0].transpose(1, 2), y[:, 32:],
+                                      reduction="sum").backward()
+    for a, b, c in zip(grads[True], [p.grad for p in model.parameters()], grads[False]):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, c) for a, c in zip(grads[True], grads[False]))
 
 
 def test_long_context_benchmark_writes_the_issue_schema(tmp_path):
