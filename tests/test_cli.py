@@ -175,6 +175,9 @@ def test_train_bad_flags(args, flag):
     ("examples/hope/results/passkey_trained.py", ["--share", "0.6"], ["--copy-share", "[0, 0.4]"]),
     ("examples/hope/results/passkey_trained.py", ["--copy-len", "65"], ["--copy-len", "[2, 64]"]),
     ("examples/hope/results/passkey_trained.py", ["--segments", "2"], ["--segments 2", "--model hope"]),
+    ("examples/hope/results/passkey_trained.py", ["--init", "a.pt"], ["--init needs --model hope"]),
+    ("examples/hope/results/passkey_trained.py", ["--init", "no/such.pt", "--model", "hope"], ["--init no/such.pt", "no such file"]),
+    ("examples/hope/results/passkey_trained.py", ["--steps", "0"], ["--steps 0", "--init"]),
 ])
 def test_other_user_errors(script, args, words):
     code, _, _, err = probe(script, *args)

@@ -266,7 +266,8 @@ def _generated_tables():
         "hope generator chunk": ("docs/hope.md", gen_chunk.table(_json("examples/hope/results/gen_chunk.json"))),
         "hope passkey trained": ("docs/hope.md", passkey_trained.table([_json(f"examples/hope/results/{name}.json") for name in (
             "passkey_trained", "passkey_trained_seed2", "passkey_trained_no_spread", "passkey_trained_copy64",
-            "passkey_trained_copy64_seed2")])),
+            "passkey_trained_copy64_seed2", "passkey_trained_segments4", "passkey_trained_finetune_segments4",
+            "passkey_trained_finetune_segments16", "passkey_trained_finetune_segments16_seed2")])),
     }
 
 

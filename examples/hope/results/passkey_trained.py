@@ -18,7 +18,8 @@ and window (128 characters, batch 32; ``--steps`` with warm-up and cosine as tra
 With ``--segments N`` (HOPE only) the key is asked up to N windows away: the batch's pass-key rows
 span the windows up to the ask and are read one window per call, the memory state carried from
 window to window (as train.py's ``--carry-state``) and cut from the graph in between unless
-``--no-detach``: the memory learns to keep a key past the window it is trained on.
+``--no-detach``: the memory learns to keep a key past the window it is trained on. ``--init``
+continues from a model saved with ``--save`` (e.g. trained inside the window first).
 
 The loss is the mean next-character loss plus ``--key-weight`` times the mean loss on the letters
 to recall (the asked key, the copied letters). Then recall of the key's letters on validation text
@@ -125,7 +126,7 @@ def train_and_measure(kind: str, args) -> list[dict]:
     from examples.data import load_shakespeare
     from examples.hope import train as T
     from examples.hope.continual import load_checkpoint
-    from examples.hope.long_context import FACTORS, passkey_cases, passkey_recall
+    from examples.hope.long_context import passkey_cases, passkey_recall
     from examples.hope.model import build_model
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -166,7 +167,7 @@ def train_and_measure(kind: str, args) -> list[dict]:
         row = dict(model={"hope": "HOPE (defaults)"}.get(kind, "Transformer++ (" + (
             "RoPE, full attention)" if window is None else f"sliding window {window})")),
             train_s=seconds, history=history, recall={}, recall_whole={}, recall_by_letter={}, recall_control={})
-        for f in FACTORS:
+        for f in args.factors:
             rows, pos, keys, controls = passkey_cases(tok, val, f * cfg.block_size, args.cases, seed=1000 + f)
             with torch.no_grad():
                 (row["recall"][f"{f}x"], row["recall_whole"][f"{f}x"],
@@ -195,7 +196,9 @@ def table(results: list[dict]) -> str:
             where += (f" of {'up to ' if r['spread'] else ''}{segments} windows, state carried"
                       + (", detached" if r["detach"] else ""))
         rows = (f"{r['share']:.0%} pass key ({where}), "
-                f"{r['copy_share']:.0%} {copy}; {r['steps']} steps ({r['seed']})")
+                f"{r['copy_share']:.0%} {copy}; "
+                + (f"{r['steps']} more steps at lr {r['lr']:g} ({r['seed']})" if r.get("init") else
+                   f"{r['steps']} steps ({r['seed']})"))
         for m in r["models"]:
             cells = [" / ".join(f"{m[key][f]:.1%}" for f in factors)
                      for key in ("recall", "recall_whole", "recall_control")]
@@ -221,7 +224,10 @@ def main(argv=None):
                     help="weight of the loss on the letters to recall, added to the mean loss")
     ap.add_argument("--init", default=None,
                     help="start from this saved model (a --save folder's hope.pt or transformer.pt; needs --model)")
-    ap.add_argument("--steps", type=cli.positive_int, default=3000, help="training steps")
+    ap.add_argument("--steps", type=cli.nonnegative_int, default=3000,
+                    help="training steps (0 with --init: measure a saved model)")
+    ap.add_argument("--factors", type=cli.positive_int, nargs="+", default=[1, 4, 16],
+                    help="recall measured at these multiples of the training length")
     ap.add_argument("--lr", type=cli.positive_float, default=3e-3, help="learning rate (both models)")
     ap.add_argument("--seed", type=cli.nonnegative_int, default=1, help="training seed")
     ap.add_argument("--cases", type=cli.positive_int, default=200, help="recall cases per length")
@@ -240,6 +246,8 @@ def main(argv=None):
     if args.segments > 1 and args.model != "hope":
         ap.error(f"--segments {args.segments} needs --model hope (the Transformer++ carries no state from window "
                  "to window)")
+    if args.steps == 0 and args.init is None:
+        ap.error("--steps 0 measures a saved model: it needs --init")
     if args.init is not None:
         if args.model == "both":
             ap.error("--init needs --model hope or --model transformer (the kind of the saved model)")
@@ -258,7 +266,7 @@ def main(argv=None):
                                                                                       else argv),
                   date=time.strftime("%Y-%m-%d"), device="cpu (1 thread per model)", torch=torch.__version__,
                   **{k: getattr(args, k) for k in ("share", "copy_share", "copy_len", "spread", "segments", "detach",
-                                                   "init", "key_weight", "steps", "lr", "seed", "cases")}, models=[])
+                                                   "init", "key_weight", "steps", "lr", "seed", "cases", "factors")}, models=[])
     with ProcessPoolExecutor(min(args.jobs, len(kinds)), mp_context=multiprocessing.get_context("spawn")) as pool:
         for rows in pool.map(train_and_measure, kinds, [args] * len(kinds)):
             result["models"] += rows
