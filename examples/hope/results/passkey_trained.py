@@ -38,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 from examples import cli  # noqa: E402
+from examples.hope.long_context import FACTORS  # noqa: E402
 
 KINDS = ("hope", "transformer")
 
@@ -226,7 +227,7 @@ def main(argv=None):
                     help="start from this saved model (a --save folder's hope.pt or transformer.pt; needs --model)")
     ap.add_argument("--steps", type=cli.nonnegative_int, default=3000,
                     help="training steps (0 with --init: measure a saved model)")
-    ap.add_argument("--factors", type=cli.positive_int, nargs="+", default=[1, 4, 16],
+    ap.add_argument("--factors", type=cli.positive_int, nargs="+", default=list(FACTORS),
                     help="recall measured at these multiples of the training length")
     ap.add_argument("--lr", type=cli.positive_float, default=3e-3, help="learning rate (both models)")
     ap.add_argument("--seed", type=cli.nonnegative_int, default=1, help="training seed")
